@@ -1,0 +1,58 @@
+# mt5-mesh — every task a developer or CI runs. `make run` and `make test` set everything up.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install gen run test test-unit test-integration test-e2e lint format migrate bench-ingest clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch first, alone, as the local CPU wheel: with no torch installed, a dependency on it would
+# make pip resolve the newest release with gigabytes of CUDA packages.
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PIP) install --quiet --disable-pip-version-check torch==2.13.0
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e ".[indicators,inference,gateway,codegen,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+gen: $(STAMP)
+	PYTHON=$(PY) tools/gen.sh
+
+migrate: $(STAMP)
+	$(VENV)/bin/mt5mesh migrate
+
+run: $(STAMP)
+	$(VENV)/bin/mt5mesh up
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy services tools bench
+	$(VENV)/bin/buf lint
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+test-unit: $(STAMP)
+	$(VENV)/bin/pytest -q tests/unit
+
+test-integration: $(STAMP)
+	$(VENV)/bin/pytest -q tests/integration
+
+test-e2e: $(STAMP)
+	$(VENV)/bin/pytest -q tests/e2e
+
+bench-ingest: $(STAMP)
+	$(PY) -m bench.ingest_bench
+
+clean:
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,123 @@
+from google.api import annotations_pb2 as _annotations_pb2
+from mt5.market.v1 import market_pb2 as _market_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SubscribeSignalsRequest(_message.Message):
+    __slots__ = ("symbols", "timeframes", "from_cursor")
+    SYMBOLS_FIELD_NUMBER: _ClassVar[int]
+    TIMEFRAMES_FIELD_NUMBER: _ClassVar[int]
+    FROM_CURSOR_FIELD_NUMBER: _ClassVar[int]
+    symbols: _containers.RepeatedScalarFieldContainer[str]
+    timeframes: _containers.RepeatedScalarFieldContainer[_market_pb2.Timeframe]
+    from_cursor: int
+    def __init__(self, symbols: _Optional[_Iterable[str]] = ..., timeframes: _Optional[_Iterable[_Union[_market_pb2.Timeframe, str]]] = ..., from_cursor: _Optional[int] = ...) -> None: ...
+
+class SubscribeSignalsResponse(_message.Message):
+    __slots__ = ("cursor", "signal")
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    cursor: int
+    signal: _market_pb2.Signal
+    def __init__(self, cursor: _Optional[int] = ..., signal: _Optional[_Union[_market_pb2.Signal, _Mapping]] = ...) -> None: ...
+
+class FeatureRow(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[FeatureRow]
+    def __init__(self, rows: _Optional[_Iterable[_Union[FeatureRow, _Mapping]]] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("predictions", "model_version")
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
+    model_version: str
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class Prediction(_message.Message):
+    __slots__ = ("prob_up", "label")
+    PROB_UP_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    prob_up: float
+    label: int
+    def __init__(self, prob_up: _Optional[float] = ..., label: _Optional[int] = ...) -> None: ...
+
+class PredictStreamRequest(_message.Message):
+    __slots__ = ("row",)
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    row: FeatureRow
+    def __init__(self, row: _Optional[_Union[FeatureRow, _Mapping]] = ...) -> None: ...
+
+class PredictStreamResponse(_message.Message):
+    __slots__ = ("prediction", "model_version")
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    prediction: Prediction
+    model_version: str
+    def __init__(self, prediction: _Optional[_Union[Prediction, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class ListSignalsRequest(_message.Message):
+    __slots__ = ("timeframe",)
+    TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
+    timeframe: _market_pb2.Timeframe
+    def __init__(self, timeframe: _Optional[_Union[_market_pb2.Timeframe, str]] = ...) -> None: ...
+
+class ListSignalsResponse(_message.Message):
+    __slots__ = ("signals",)
+    SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    signals: _containers.RepeatedCompositeFieldContainer[_market_pb2.Signal]
+    def __init__(self, signals: _Optional[_Iterable[_Union[_market_pb2.Signal, _Mapping]]] = ...) -> None: ...
+
+class SaveSignalsRequest(_message.Message):
+    __slots__ = ("timeframe",)
+    TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
+    timeframe: _market_pb2.Timeframe
+    def __init__(self, timeframe: _Optional[_Union[_market_pb2.Timeframe, str]] = ...) -> None: ...
+
+class SaveSignalsResponse(_message.Message):
+    __slots__ = ("saved", "timeframe")
+    SAVED_FIELD_NUMBER: _ClassVar[int]
+    TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
+    saved: int
+    timeframe: _market_pb2.Timeframe
+    def __init__(self, saved: _Optional[int] = ..., timeframe: _Optional[_Union[_market_pb2.Timeframe, str]] = ...) -> None: ...
+
+class GetSignalHistoryRequest(_message.Message):
+    __slots__ = ("symbol", "timeframe", "limit")
+    SYMBOL_FIELD_NUMBER: _ClassVar[int]
+    TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    symbol: str
+    timeframe: _market_pb2.Timeframe
+    limit: int
+    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[_Union[_market_pb2.Timeframe, str]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class GetSignalHistoryResponse(_message.Message):
+    __slots__ = ("signals",)
+    SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    signals: _containers.RepeatedCompositeFieldContainer[_market_pb2.Signal]
+    def __init__(self, signals: _Optional[_Iterable[_Union[_market_pb2.Signal, _Mapping]]] = ...) -> None: ...
+
+class GetLatestSignalsRequest(_message.Message):
+    __slots__ = ("timeframe",)
+    TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
+    timeframe: _market_pb2.Timeframe
+    def __init__(self, timeframe: _Optional[_Union[_market_pb2.Timeframe, str]] = ...) -> None: ...
+
+class GetLatestSignalsResponse(_message.Message):
+    __slots__ = ("signals",)
+    SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    signals: _containers.RepeatedCompositeFieldContainer[_market_pb2.Signal]
+    def __init__(self, signals: _Optional[_Iterable[_Union[_market_pb2.Signal, _Mapping]]] = ...) -> None: ...
