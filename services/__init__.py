@@ -1,0 +1,1 @@
+"""mt5-mesh services: ingest, aggregator, indicators and inference, plus their shared runtime."""

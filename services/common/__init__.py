@@ -1,0 +1,1 @@
+"""Runtime shared by every service: bootstrap, config, storage, telemetry, auth and errors."""

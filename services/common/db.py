@@ -1,0 +1,97 @@
+"""Database engines and migrations: SQLite (WAL) embedded by default, PostgreSQL in production."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+from typing import Any
+
+import alembic.command
+import alembic.config
+from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy.exc import OperationalError
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS = pathlib.Path(__file__).with_name("migrations")
+# Any constant works; it only has to be the same in every process that migrates or writes.
+MIGRATION_LOCK_KEY = 0x6D7435_6D6967
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def is_sqlite(engine: Engine) -> bool:
+    """True for the embedded SQLite backend."""
+    return engine.dialect.name == "sqlite"
+
+
+def create_db_engine(url: str, *, pool_size: int = 5) -> Engine:
+    """Create an engine; for SQLite, make the folder and switch the file to WAL.
+
+    SQLite writers start with ``BEGIN IMMEDIATE`` (execution option ``sqlite_begin``) so that two
+    processes never deadlock upgrading a read lock; ``synchronous=FULL`` makes a commit durable
+    before it is acknowledged, which is the promise the services make.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+    if parsed.database and parsed.database != ":memory:":
+        pathlib.Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "")
+        conn.exec_driver_sql(f"BEGIN {mode}".strip())
+
+    return engine
+
+
+def writer(engine: Engine) -> Engine:
+    """The same engine, configured for write transactions."""
+    return engine.execution_options(sqlite_begin="IMMEDIATE") if is_sqlite(engine) else engine
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Apply Alembic migrations up to ``revision``; safe to run from several processes at once."""
+    config = alembic.config.Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with writer(engine).begin() as conn:
+        if not is_sqlite(engine):
+            # Serialize concurrent migrators; SQLite's BEGIN IMMEDIATE already does.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+        config.attributes["connection"] = conn
+        alembic.command.upgrade(config, revision)
+    logger.info("database migrated to %s", revision)
+
+
+async def migrate_when_reachable(engine: Engine, *, first_delay: float = 0.2, max_delay: float = 5.0) -> None:
+    """Migrate, retrying with backoff while the database is unreachable (the service stays NOT_SERVING)."""
+    delay = first_delay
+    while True:
+        try:
+            await asyncio.to_thread(migrate, engine)
+            return
+        except OperationalError as exc:
+            logger.warning("database unreachable, retrying in %.1fs: %s", delay, exc.orig or exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay)
+
+
+def ping(engine: Engine) -> bool:
+    """True when the database answers a trivial query."""
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    return True

@@ -1,0 +1,82 @@
+"""Following a durable feed: everything after a cursor, first from the database, then live.
+
+A subscriber reads pages after its cursor; when it has caught up it waits for the writer's
+commit signal (or a short poll, for rows committed by another replica) and reads again. Reading
+through the database keeps every subscriber gap-free and duplicate-free across restarts, and
+bounds the server's memory per subscriber to one page whatever its speed: a slow reader only
+holds a cursor, and gRPC flow control pushes back on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Protocol, TypeVar
+
+T = TypeVar("T", bound="HasCursor")
+
+
+class HasCursor(Protocol):
+    """A feed item: it knows its own cursor."""
+
+    @property
+    def cursor(self) -> int:
+        """Position of the item in its feed."""
+        ...
+
+
+class CommitSignal:
+    """Wakes subscribers when the writer commits; cheap when nobody listens."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def waiter(self) -> asyncio.Event:
+        """Take this before reading, then wait on it, so that no commit in between is missed."""
+        return self._event
+
+    def notify(self) -> None:
+        """Wake everyone waiting on the current event and start a new one."""
+        self._event.set()
+        self._event = asyncio.Event()
+
+
+async def follow(
+    read_after: Callable[[int, int], Awaitable[Sequence[T]]],
+    signal: CommitSignal,
+    cursor: int,
+    *,
+    page_size: int = 1000,
+    poll_seconds: float = 1.0,
+) -> AsyncIterator[T]:
+    """Yield every item after ``cursor`` in cursor order, forever."""
+    while True:
+        waiter = signal.waiter()
+        items = await read_after(cursor, page_size)
+        for item in items:
+            yield item
+            cursor = item.cursor
+        if len(items) < page_size:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.wait(), poll_seconds)
+
+
+class SubscriberSlots:
+    """A bound on concurrent subscriptions; past it, new ones are refused, not queued."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[bool]:
+        """Yield True and hold a slot while one is free; yield False when none is."""
+        if self.active >= self.limit:
+            yield False
+            return
+        self.active += 1
+        try:
+            yield True
+        finally:
+            self.active -= 1

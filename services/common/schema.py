@@ -1,0 +1,130 @@
+"""The one schema module: every table of every service. Each table is written by exactly one service.
+
+Migrations under ``services/common/migrations`` create these tables; a test checks that the
+migrated database and this module agree.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    UniqueConstraint,
+)
+from sqlalchemy.types import TypeDecorator
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UtcDateTime(TypeDecorator[dt.datetime]):
+    """A timezone-aware UTC datetime on every backend.
+
+    PostgreSQL stores ``timestamptz``; SQLite has no time type, so values are stored as UTC text
+    in SQLAlchemy's fixed format (which sorts and compares correctly) and read back as aware UTC.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        """Store UTC; naive datetimes are refused rather than guessed."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        """Return aware UTC datetimes."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)  # type: ignore[no-any-return]
+        return value.astimezone(dt.UTC)  # type: ignore[no-any-return]
+
+
+# BIGINT identity on PostgreSQL; SQLite only auto-increments an INTEGER PRIMARY KEY.
+Cursor = BigInteger().with_variant(Integer(), "sqlite")
+Price = Float(precision=53)
+
+# --- ingest ----------------------------------------------------------------------------------
+
+# Every committed tick; the id is the tick feed's cursor (commits are serialized, so ids grow in
+# commit order). Natural-key uniqueness deduplicates replays from any client.
+ingest_ticks = Table(
+    "ingest_ticks",
+    metadata,
+    Column("id", Cursor, primary_key=True, autoincrement=True),
+    Column("symbol", String(32), nullable=False),
+    Column("ts", UtcDateTime(), nullable=False),
+    Column("bid", Price, nullable=False),
+    Column("ask", Price, nullable=False),
+    Column("volume", Price, nullable=False),
+    Column("source_id", String(64), nullable=True),
+    UniqueConstraint("symbol", "ts", "bid", "ask"),
+)
+
+# Every committed streamed batch, by source and sequence: a re-sent batch is recognised exactly,
+# whatever order batches arrive or fail in (a high-water mark would drop a retried earlier batch).
+ingest_source_batches = Table(
+    "ingest_source_batches",
+    metadata,
+    Column("source_id", String(64), nullable=False),
+    Column("sequence", BigInteger(), nullable=False),
+    Column("ticks", Integer(), nullable=False),
+    Column("committed_at", UtcDateTime(), nullable=False),
+    PrimaryKeyConstraint("source_id", "sequence"),
+)
+
+# Candles as the Expert Advisor posted them, keyed by (symbol, timeframe, bucket start).
+ingest_candles = Table(
+    "ingest_candles",
+    metadata,
+    Column("symbol", String(32), nullable=False),
+    Column("timeframe", String(3), nullable=False),
+    Column("ts", UtcDateTime(), nullable=False),
+    Column("open", Price, nullable=False),
+    Column("high", Price, nullable=False),
+    Column("low", Price, nullable=False),
+    Column("close", Price, nullable=False),
+    Column("volume", Price, nullable=False),
+    Column("spread", Price, nullable=False),
+    Column("revision", Integer(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    PrimaryKeyConstraint("symbol", "timeframe", "ts"),
+)
+
+# Append-only log of candle changes (new or updated); its id is the candle feed's cursor.
+ingest_candle_log = Table(
+    "ingest_candle_log",
+    metadata,
+    Column("id", Cursor, primary_key=True, autoincrement=True),
+    Column("symbol", String(32), nullable=False),
+    Column("timeframe", String(3), nullable=False),
+    Column("ts", UtcDateTime(), nullable=False),
+    Column("open", Price, nullable=False),
+    Column("high", Price, nullable=False),
+    Column("low", Price, nullable=False),
+    Column("close", Price, nullable=False),
+    Column("volume", Price, nullable=False),
+    Column("spread", Price, nullable=False),
+    Column("revision", Integer(), nullable=False),
+)

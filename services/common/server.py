@@ -1,0 +1,130 @@
+"""The grpc.aio server every service runs: health with real status, reflection, auth, graceful stop.
+
+Health is NOT_SERVING while the service warms up, whenever its readiness probe fails (for example
+the database is unreachable), and from SIGTERM until ``server.stop(grace)`` has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+import prometheus_client
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common import telemetry
+from services.common.auth import ApiKeyInterceptor
+from services.common.config import RuntimeConfig
+
+logger = logging.getLogger(__name__)
+
+Probe = Callable[[], Awaitable[bool]]
+
+
+class ServiceHost:
+    """Owns one service's grpc.aio server and its health status."""
+
+    def __init__(self, config: RuntimeConfig, service_name: str, *, open_methods: Iterable[str] = ()) -> None:
+        self.config = config
+        self.service_name = service_name
+        self.health = health.aio.HealthServicer()
+        interceptors = [
+            *telemetry.server_interceptors(bool(config.otlp_endpoint)),
+            ApiKeyInterceptor(config.api_keys, open_methods),
+        ]
+        self.server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = 0
+        self._serving: bool | None = None
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> int:
+        """Bind and start the server, NOT_SERVING until told otherwise; return the bound port."""
+        reflection.enable_server_reflection(
+            (
+                self.service_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(self.config.listen_address)
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind {self.config.listen_address}")
+        await self.set_serving(False)
+        await self.server.start()
+        logger.info("listening on %s (port %d)", self.config.listen_address, self.port)
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report SERVING or NOT_SERVING for the server as a whole and for the named service."""
+        if serving == self._serving:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", self.service_name):
+            await self.health.set(name, status)
+        logger.info("health: %s", "SERVING" if serving else "NOT_SERVING")
+        self._serving = serving
+
+    @property
+    def serving(self) -> bool:
+        """What health last reported for this service."""
+        return bool(self._serving)
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop (what SIGTERM does)."""
+        self._stopping.set()
+
+    async def run(
+        self, *, warmup: Callable[[], Awaitable[None]], ready: Probe, cleanup: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Serve until SIGTERM/SIGINT: warm up, then track readiness, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        if self.config.metrics_port:
+            prometheus_client.start_http_server(self.config.metrics_port, addr="0.0.0.0")  # noqa: S104
+        await self.start()
+        monitor: asyncio.Task[None] | None = None
+        try:
+            await warmup()
+            monitor = asyncio.create_task(self._track_readiness(ready), name="readiness")
+            await self._stopping.wait()
+        finally:
+            logger.info("stopping: draining calls for up to %.1fs", self.config.shutdown_grace_seconds)
+            # From here on health stays NOT_SERVING whatever the readiness probe says.
+            await self.health.enter_graceful_shutdown()
+            if monitor is not None:
+                monitor.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await monitor
+            await self.server.stop(self.config.shutdown_grace_seconds)
+            await cleanup()
+            logger.info("stopped")
+
+    async def _track_readiness(self, ready: Probe) -> None:
+        while True:
+            try:
+                ok = await asyncio.wait_for(ready(), timeout=self.config.health_probe_seconds * 2)
+            except Exception:  # a failing probe means not ready, whatever the cause
+                logger.warning("readiness probe failed", exc_info=True)
+                ok = False
+            await self.set_serving(ok)
+            await asyncio.sleep(self.config.health_probe_seconds)

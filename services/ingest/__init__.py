@@ -1,0 +1,1 @@
+"""The ingest service: durable, exactly-once entry point for candles and ticks."""

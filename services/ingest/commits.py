@@ -1,0 +1,107 @@
+"""Group commit: concurrent requests share one transaction, in arrival order, with bounded memory.
+
+Each REST call or streamed batch becomes a job on a bounded queue; one task takes every job
+waiting (up to a row budget), commits them in one transaction in a worker thread, then answers
+each job and signals subscribers. When the queue is full, submitters wait: backpressure instead of
+unbounded memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from services.common.feed import CommitSignal
+from services.common.market import Candle
+from services.ingest.domain import CandleStatus
+from services.ingest.store import IngestStore, TickBatch, TickBatchResult
+
+logger = logging.getLogger(__name__)
+
+
+class StoreUnavailable(RuntimeError):
+    """The database could not commit; nothing of the failed group was stored."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Job:
+    ticks: TickBatch | None
+    candles: Sequence[Candle] | None
+    future: asyncio.Future[Any]
+
+    @property
+    def size(self) -> int:
+        return len(self.ticks.ticks) if self.ticks is not None else len(self.candles or ())
+
+
+class CommitQueue:
+    """The single writer of one ingest process."""
+
+    def __init__(
+        self, store: IngestStore, *, max_pending_jobs: int = 256, max_group_rows: int = 50_000
+    ) -> None:
+        self._store = store
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue(max_pending_jobs)
+        self._max_group_rows = max_group_rows
+        self.committed = CommitSignal()
+
+    async def submit_ticks(self, batch: TickBatch) -> TickBatchResult:
+        """Store a tick batch; returns once it is committed."""
+        result: TickBatchResult = await self._submit(
+            _Job(batch, None, asyncio.get_running_loop().create_future())
+        )
+        return result
+
+    async def submit_candles(self, candles: Sequence[Candle]) -> list[CandleStatus]:
+        """Store candles; returns once they are committed."""
+        result: list[CandleStatus] = await self._submit(
+            _Job(None, candles, asyncio.get_running_loop().create_future())
+        )
+        return result
+
+    async def _submit(self, job: _Job) -> Any:
+        await self._queue.put(job)
+        return await job.future
+
+    async def run(self) -> None:
+        """Commit jobs until cancelled."""
+        while True:
+            group = [await self._queue.get()]
+            rows = group[0].size
+            while rows < self._max_group_rows and not self._queue.empty():
+                job = self._queue.get_nowait()
+                group.append(job)
+                rows += job.size
+            await self._commit(group)
+
+    async def _commit(self, group: list[_Job]) -> None:
+        # A caller cancelled before its commit started (deadline, disconnect) was never answered:
+        # dropping its job keeps "nothing is written after a cancellation" true.
+        group = [j for j in group if not j.future.done()]
+        if not group:
+            return
+        tick_jobs = [j for j in group if j.ticks is not None]
+        candle_jobs = [j for j in group if j.candles is not None]
+        try:
+            tick_results, candle_results = await asyncio.to_thread(
+                self._store.commit,
+                [j.ticks for j in tick_jobs if j.ticks is not None],
+                [j.candles for j in candle_jobs if j.candles is not None],
+            )
+        except Exception as exc:  # any database failure fails the whole group, which stored nothing
+            logger.warning("commit of %d requests failed: %s", len(group), exc)
+            for job in group:
+                if not job.future.done():
+                    job.future.set_exception(StoreUnavailable(str(exc)))
+            return
+        for job, result in [
+            *zip(tick_jobs, tick_results, strict=True),
+            *zip(candle_jobs, candle_results, strict=True),
+        ]:
+            # A caller that went away still had its data committed; a re-send is deduplicated.
+            if not job.future.done():
+                job.future.set_result(result)
+        self.committed.notify()

@@ -1,0 +1,55 @@
+"""Builds and runs the ingest service: storage, commit queue, servicer, health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from mt5.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+
+from services.common import db
+from services.common.peers import PeerHealth
+from services.common.server import ServiceHost
+from services.ingest.commits import CommitQueue
+from services.ingest.config import SERVICE_NAME, IngestConfig
+from services.ingest.servicer import IngestServicer
+from services.ingest.store import IngestStore
+
+OPEN_METHODS = (f"/{SERVICE_NAME}/CheckHealth",)
+
+
+async def serve(config: IngestConfig, host: ServiceHost | None = None) -> None:
+    """Run until SIGTERM (or ``host.request_stop()``)."""
+    engine = db.create_db_engine(config.runtime.database_url)
+    store = IngestStore(engine)
+    commits = CommitQueue(
+        store, max_pending_jobs=config.max_pending_commits, max_group_rows=config.max_group_rows
+    )
+    peers = PeerHealth(config.mesh_peers, deadline_seconds=config.peer_check_seconds)
+    host = host or ServiceHost(config.runtime, SERVICE_NAME, open_methods=OPEN_METHODS)
+
+    async def unhealthy_services() -> list[str]:
+        down = await peers.not_serving()
+        return down if host.serving else ["ingest", *down]
+
+    pb_grpc.add_IngestServiceServicer_to_server(
+        IngestServicer(config, commits, store, unhealthy_services), host.server
+    )
+    writer: list[asyncio.Task[None]] = []
+
+    async def warmup() -> None:
+        await db.migrate_when_reachable(engine)
+        writer.append(asyncio.create_task(commits.run(), name="commit-queue"))
+
+    async def ready() -> bool:
+        return await asyncio.to_thread(db.ping, engine)
+
+    async def cleanup() -> None:
+        for task in writer:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await peers.close()
+        engine.dispose()
+
+    await host.run(warmup=warmup, ready=ready, cleanup=cleanup)

@@ -1,0 +1,165 @@
+"""IngestService over gRPC: messages in, domain calls, messages out. No SQL here."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from mt5.ingest.v1 import ingest_service_pb2 as pb
+from mt5.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+
+from services.common import protoconv
+from services.common.errors import abort_invalid
+from services.common.feed import SubscriberSlots, follow
+from services.common.ordered import in_order
+from services.common.validation import ValidationFailed
+from services.ingest import convert, domain
+from services.ingest.commits import CommitQueue, StoreUnavailable
+from services.ingest.config import IngestConfig
+from services.ingest.store import IngestStore, StoredCandleChange, StoredTick, TickBatch
+
+MeshCheck = Callable[[], Awaitable[list[str]]]
+_Item = TypeVar("_Item", StoredTick, StoredCandleChange)
+_R = TypeVar("_R")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class IngestServicer(pb_grpc.IngestServiceServicer):  # type: ignore[misc]
+    """Thin glue between gRPC and ingest's domain, commit queue and feeds."""
+
+    def __init__(
+        self, config: IngestConfig, commits: CommitQueue, store: IngestStore, unhealthy_services: MeshCheck
+    ) -> None:
+        self._config = config
+        self._commits = commits
+        self._store = store
+        self._unhealthy_services = unhealthy_services
+        self._slots = SubscriberSlots(config.max_subscribers)
+
+    async def IngestCandles(
+        self, request: pb.IngestCandlesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.IngestCandlesResponse:
+        """Validate the whole request, then upsert it in one commit."""
+        try:
+            raw, field = convert.candles_of(request)
+            candles = domain.validate_candles(raw, _now(), field)
+        except ValidationFailed as exc:
+            await abort_invalid(context, exc.violations)
+        statuses = await self._guard(context, self._commits.submit_candles(candles))
+        return convert.candles_response(convert.original_timestamps(request), candles, statuses)
+
+    async def IngestTicks(
+        self, request: pb.IngestTicksRequest, context: grpc.aio.ServicerContext
+    ) -> pb.IngestTicksResponse:
+        """Validate every tick, then store them deduplicated in one commit."""
+        try:
+            ticks = domain.validate_ticks([convert.raw_tick(t) for t in request.ticks], _now())
+        except ValidationFailed as exc:
+            await abort_invalid(context, exc.violations)
+        result = await self._guard(context, self._commits.submit_ticks(TickBatch(ticks)))
+        return convert.ticks_response(request.ticks, ticks, result.statuses)
+
+    async def StreamTicks(
+        self, request_iterator: AsyncIterator[pb.StreamTicksRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamTicksResponse]:
+        """Acknowledge each batch, in order, once committed; a bad batch ends the stream."""
+
+        def prepare(request: pb.StreamTicksRequest) -> tuple[int, TickBatch]:
+            domain.validate_source(request.source_id, request.sequence)
+            ticks = domain.validate_ticks([convert.raw_tick(t) for t in request.ticks], _now())
+            return request.sequence, TickBatch(ticks, request.source_id, request.sequence)
+
+        async def commit(prepared: tuple[int, TickBatch]) -> pb.StreamTicksResponse:
+            sequence, batch = prepared
+            result = await self._commits.submit_ticks(batch)
+            stored = result.statuses.count(domain.TickStatus.RECEIVED)
+            return pb.StreamTicksResponse(
+                sequence=sequence,
+                stored=stored,
+                duplicates=len(batch.ticks) - stored,
+                replayed=result.replayed,
+            )
+
+        try:
+            async for ack in in_order(
+                request_iterator, prepare, commit, max_in_flight=self._config.max_in_flight_batches
+            ):
+                yield ack
+        except ValidationFailed as exc:
+            await abort_invalid(context, exc.violations)
+        except StoreUnavailable as exc:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"storage unavailable, re-send unacknowledged batches: {exc}"
+            )
+
+    async def SubscribeTicks(
+        self, request: pb.SubscribeTicksRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SubscribeTicksResponse]:
+        """Stream committed ticks after the cursor, then live ones."""
+        symbols = list(request.symbols)
+
+        async def read(cursor: int, limit: int) -> list[StoredTick]:
+            return await asyncio.to_thread(self._store.ticks_after, cursor, symbols, limit)
+
+        with self._slots.take() as admitted:
+            if not admitted:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many subscribers; retry later")
+            async for item in self._follow(read, request.from_cursor):
+                yield pb.SubscribeTicksResponse(cursor=item.cursor, tick=protoconv.tick_to_pb(item.tick))
+
+    async def SubscribeCandles(
+        self, request: pb.SubscribeCandlesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SubscribeCandlesResponse]:
+        """Stream committed EA candle changes after the cursor, then live ones."""
+        symbols = list(request.symbols)
+        try:
+            timeframes = protoconv.timeframes_from_pb(list(request.timeframes))
+        except ValueError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "timeframes: unknown timeframe")
+
+        async def read(cursor: int, limit: int) -> list[StoredCandleChange]:
+            return await asyncio.to_thread(self._store.candles_after, cursor, symbols, timeframes, limit)
+
+        with self._slots.take() as admitted:
+            if not admitted:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many subscribers; retry later")
+            async for item in self._follow(read, request.from_cursor):
+                yield pb.SubscribeCandlesResponse(
+                    cursor=item.cursor, candle=protoconv.candle_to_pb(item.candle), revision=item.revision
+                )
+
+    async def CheckHealth(
+        self, request: pb.CheckHealthRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CheckHealthResponse:
+        """Healthy only when this service and every peer of the mesh are SERVING."""
+        down = await self._unhealthy_services()
+        if down:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "not serving: " + ", ".join(down))
+        return pb.CheckHealthResponse(status="healthy", timestamp=protoconv.timestamp(_now()))
+
+    def _follow(
+        self, read: Callable[[int, int], Awaitable[list[_Item]]], cursor: int
+    ) -> AsyncIterator[_Item]:
+        return follow(
+            read,
+            self._commits.committed,
+            cursor,
+            page_size=self._config.feed_page_size,
+            poll_seconds=self._config.feed_poll_seconds,
+        )
+
+    @staticmethod
+    async def _guard(context: grpc.aio.ServicerContext, work: Awaitable[_R]) -> _R:
+        try:
+            return await work
+        except StoreUnavailable as exc:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"storage unavailable, nothing was stored: {exc}"
+            )
+            raise

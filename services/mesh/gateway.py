@@ -1,0 +1,233 @@
+"""Render the Envoy gateway configuration for an environment.
+
+``envoy/envoy.yaml`` is the production configuration (Kubernetes: service DNS names, port 8080, the
+descriptor mounted under /etc/envoy). Running the mesh anywhere else needs the same gateway with other
+ports, loopback addresses and a local descriptor path. Rather than keep a second config or a template,
+this module loads the production file and edits the parsed structure, so there is exactly one source of
+routes, filters and limits, and a renamed or missing section fails loudly here instead of rendering a
+config that silently differs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import pathlib
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_PATH = pathlib.Path(__file__).resolve().parents[2] / "envoy" / "envoy.yaml"
+"""The repository's production gateway configuration."""
+
+_TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
+_HTTP_CONNECTION_MANAGER = "envoy.filters.network.http_connection_manager"
+_ADMIN_ADDRESS = "127.0.0.1"
+# Fields that only mean something for DNS-resolved clusters; dropped when a cluster becomes STATIC.
+_DNS_ONLY_FIELDS = ("dns_refresh_rate", "dns_failure_refresh_rate", "dns_lookup_family", "respect_dns_ttl")
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Where the rendered gateway listens and where it finds its upstreams.
+
+    ``upstreams`` maps every cluster of the base configuration to ``(host, port)``. An IP address
+    makes the cluster STATIC; a host name keeps it DNS-resolved (STRICT_DNS).
+    """
+
+    listen_port: int
+    admin_port: int
+    descriptor_path: pathlib.Path
+    upstreams: Mapping[str, tuple[str, int]]
+    listen_address: str = "0.0.0.0"  # noqa: S104 - the gateway serves other hosts by design
+
+
+def load_base_config(path: pathlib.Path | None = None) -> dict[str, Any]:
+    """Load the gateway configuration (by default the repository's ``envoy/envoy.yaml``).
+
+    Raises:
+        ValueError: the file does not hold a YAML mapping.
+
+    """
+    config_path = path if path is not None else DEFAULT_CONFIG_PATH
+    with config_path.open(encoding="utf-8") as stream:
+        loaded = yaml.safe_load(stream)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{config_path}: expected a YAML mapping at the top level")
+    return loaded
+
+
+def render_config(base: Mapping[str, Any], settings: GatewaySettings) -> dict[str, Any]:
+    """Return a copy of ``base`` set up for ``settings``; ``base`` itself is left untouched.
+
+    Sets the listener address and port, binds the admin interface to 127.0.0.1 on
+    ``settings.admin_port``, points the gRPC-JSON transcoder at ``settings.descriptor_path`` and gives
+    each cluster its address from ``settings.upstreams``.
+
+    Raises:
+        ValueError: ``settings`` is inconsistent (a port out of range, listener and admin on the same
+            port, a cluster without an upstream or an upstream naming no cluster), or ``base`` lacks
+            a section this function edits.
+
+    """
+    _check_port("listen_port", settings.listen_port)
+    _check_port("admin_port", settings.admin_port)
+    if settings.listen_port == settings.admin_port:
+        raise ValueError(f"listen_port and admin_port are both {settings.listen_port}")
+
+    # A plain recursive copy rather than copy.deepcopy: the YAML anchors of the base file (shared
+    # health checks, circuit breakers...) load as shared objects, and deepcopy would keep them shared,
+    # so editing one cluster could edit all of them and the dump would be full of &id001 aliases.
+    config = _copy_tree(base)
+
+    listeners = _get_list(config, "static_resources", "listeners")
+    if len(listeners) != 1:
+        raise ValueError(f"expected exactly one listener in the base config, found {len(listeners)}")
+    _set_socket_address(listeners[0], settings.listen_address, settings.listen_port)
+    _set_socket_address(_get_dict(config, "admin"), _ADMIN_ADDRESS, settings.admin_port)
+
+    transcoder = _find_transcoder(listeners[0])
+    transcoder["proto_descriptor"] = str(settings.descriptor_path)
+
+    clusters = _get_list(config, "static_resources", "clusters")
+    _render_clusters(clusters, settings.upstreams)
+    logger.debug(
+        "rendered gateway config",
+        extra={"listen_port": settings.listen_port, "admin_port": settings.admin_port},
+    )
+    return config
+
+
+def write_config(config: Mapping[str, Any], path: pathlib.Path) -> pathlib.Path:
+    """Write ``config`` to ``path`` for ``envoy -c`` and return the path.
+
+    Envoy picks the parser from the extension, so a ``.json`` path gets JSON and anything else YAML.
+    The file is replaced atomically: an Envoy (re)starting at the same moment never reads half a file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        text = json.dumps(config, indent=2)
+    else:
+        text = yaml.safe_dump(_copy_tree(config), sort_keys=False, default_flow_style=False)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(tmp_name, path)
+    except BaseException:
+        pathlib.Path(tmp_name).unlink(missing_ok=True)
+        raise
+    logger.info("wrote gateway config", extra={"path": str(path)})
+    return path
+
+
+def _render_clusters(clusters: list[Any], upstreams: Mapping[str, tuple[str, int]]) -> None:
+    names = [_cluster_name(cluster) for cluster in clusters]
+    unknown = sorted(set(upstreams) - set(names))
+    if unknown:
+        raise ValueError(
+            f"upstreams name unknown cluster(s): {', '.join(unknown)} (known: {', '.join(names)})"
+        )
+    missing = [name for name in names if name not in upstreams]
+    if missing:
+        raise ValueError(f"upstreams lack an address for cluster(s): {', '.join(missing)}")
+
+    for cluster, name in zip(clusters, names, strict=True):
+        host, port = upstreams[name]
+        _check_port(f"upstream port of cluster {name}", port)
+        if not host:
+            raise ValueError(f"upstream host of cluster {name} is empty")
+        if _is_ip_address(host):
+            # STATIC needs an IP literal and skips DNS entirely, which is what a local run wants.
+            cluster["type"] = "STATIC"
+            for field in _DNS_ONLY_FIELDS:
+                cluster.pop(field, None)
+        else:
+            cluster["type"] = "STRICT_DNS"
+        cluster["load_assignment"] = {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                    ]
+                }
+            ],
+        }
+
+
+def _cluster_name(cluster: Any) -> str:
+    if not isinstance(cluster, dict) or not isinstance(cluster.get("name"), str):
+        raise ValueError(f"cluster without a name in the base config: {cluster!r}")
+    name: str = cluster["name"]
+    return name
+
+
+def _find_transcoder(listener: Mapping[str, Any]) -> dict[str, Any]:
+    for chain in _as_list(listener.get("filter_chains"), "listener filter_chains"):
+        for network_filter in _as_list(chain.get("filters"), "filter_chain filters"):
+            if network_filter.get("name") != _HTTP_CONNECTION_MANAGER:
+                continue
+            manager = _as_dict(network_filter.get("typed_config"), "http_connection_manager typed_config")
+            for http_filter in _as_list(manager.get("http_filters"), "http_filters"):
+                if http_filter.get("name") == _TRANSCODER_FILTER:
+                    return _as_dict(http_filter.get("typed_config"), f"{_TRANSCODER_FILTER} typed_config")
+    raise ValueError(f"no {_TRANSCODER_FILTER} filter in the base config's listener")
+
+
+def _set_socket_address(holder: dict[str, Any], address: str, port: int) -> None:
+    # Replace the whole address: a base file with a pipe or extra fields must not leak through.
+    holder["address"] = {"socket_address": {"address": address, "port_value": port}}
+
+
+def _check_port(what: str, port: int) -> None:
+    # bool is an int subclass; True would otherwise be accepted as port 1.
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"{what} must be an integer in 1..65535, got {port!r}")
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _get_dict(config: Mapping[str, Any], *keys: str) -> dict[str, Any]:
+    node: Any = config
+    for key in keys:
+        node = _as_dict(node, ".".join(keys)).get(key)
+    return _as_dict(node, ".".join(keys))
+
+
+def _get_list(config: Mapping[str, Any], *keys: str) -> list[Any]:
+    parent = _get_dict(config, *keys[:-1])
+    return _as_list(parent.get(keys[-1]), ".".join(keys))
+
+
+def _as_dict(node: Any, what: str) -> dict[str, Any]:
+    if not isinstance(node, dict):
+        raise ValueError(f"base config: {what} is missing or not a mapping")
+    return node
+
+
+def _as_list(node: Any, what: str) -> list[Any]:
+    if not isinstance(node, list):
+        raise ValueError(f"base config: {what} is missing or not a list")
+    return node
+
+
+def _copy_tree(node: Any) -> Any:
+    if isinstance(node, Mapping):
+        return {key: _copy_tree(value) for key, value in node.items()}
+    if isinstance(node, list | tuple):
+        return [_copy_tree(item) for item in node]
+    return node
