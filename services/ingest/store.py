@@ -162,15 +162,14 @@ class IngestStore:
             return set()
         raw = conn.connection.driver_connection
         assert raw is not None
-        record = conn.connection
         with raw.cursor() as cur:
-            if not record.info.get("tick_stage"):
-                cur.execute(
-                    "CREATE TEMP TABLE IF NOT EXISTS ingest_ticks_stage (ord int4, symbol text, "
-                    "ts timestamptz, bid float8, ask float8, volume float8, source_id text) "
-                    "ON COMMIT DELETE ROWS"
-                )
-                record.info["tick_stage"] = True
+            # Every time, not once per connection: a rolled-back transaction also rolls back the
+            # creation, so a remembered "created" flag could be wrong.
+            cur.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS ingest_ticks_stage (ord int4, symbol text, "
+                "ts timestamptz, bid float8, ask float8, volume float8, source_id text) "
+                "ON COMMIT DELETE ROWS"
+            )
             with cur.copy(
                 "COPY ingest_ticks_stage (ord, symbol, ts, bid, ask, volume, source_id) "
                 "FROM STDIN (FORMAT BINARY)"

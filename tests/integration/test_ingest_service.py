@@ -1,0 +1,186 @@
+"""The ingest service as a real process on a loopback port, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import pathlib
+import random
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from mt5.ingest.v1 import ingest_service_pb2 as pb
+from mt5.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from mt5.market.v1 import market_pb2
+from sqlalchemy import func, select
+
+from services.common import db
+from services.common.channels import api_key_metadata, open_channel
+from services.common.protoconv import timestamp
+from services.common.schema import ingest_ticks
+from services.ingest.client import TickStreamer
+from tests.helpers import API_KEY, ServiceProcess, free_port, grpc_status, make_service, wait_until
+
+START = dt.datetime(2025, 10, 20, 3, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def ingest(database_url: str, tmp_path: pathlib.Path) -> Iterator[ServiceProcess]:
+    service = make_service("ingest", database_url, tmp_path).start()
+    yield service
+    service.kill()
+
+
+def make_batches(count: int, size: int, symbol: str = "EURUSD", seed: int = 3) -> list[list[market_pb2.Tick]]:
+    rng = random.Random(seed)
+    batches = []
+    for b in range(count):
+        batch = []
+        for i in range(size):
+            n = b * size + i
+            mid = 1.08 + rng.random() / 1000
+            batch.append(market_pb2.Tick(symbol=symbol, ts=timestamp(START + dt.timedelta(milliseconds=n * 7)),
+                                         bid=round(mid, 6), ask=round(mid + 0.0001, 6)))
+        batches.append(batch)
+    return batches
+
+
+def stored_ticks(database_url: str) -> tuple[int, set[tuple[str, dt.datetime, float, float]]]:
+    engine = db.create_db_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(ingest_ticks)).scalar_one()
+            rows = conn.execute(select(ingest_ticks.c.symbol, ingest_ticks.c.ts, ingest_ticks.c.bid,
+                                       ingest_ticks.c.ask))
+            return int(total), {(r.symbol, r.ts, r.bid, r.ask) for r in rows}
+    finally:
+        engine.dispose()
+
+
+def sent_keys(batches: list[list[market_pb2.Tick]]) -> set[tuple[str, dt.datetime, float, float]]:
+    return {(t.symbol, t.ts.ToDatetime(dt.UTC), t.bid, t.ask) for b in batches for t in b}
+
+
+async def test_stream_ticks_client_killed_midstream_resends_and_stores_each_tick_once(
+        ingest: ServiceProcess, database_url: str) -> None:
+    batches = make_batches(40, 50)
+    acked = 0
+    async with grpc.aio.insecure_channel(ingest.address) as channel:
+        async def first_session() -> None:
+            for seq, ticks in enumerate(batches, start=1):
+                yield pb.StreamTicksRequest(source_id="feed-1", sequence=seq, ticks=ticks)
+                await asyncio.sleep(0)
+
+        call = pb_grpc.IngestServiceStub(channel).StreamTicks(first_session(), metadata=api_key_metadata(API_KEY))
+        async for _ack in call:
+            acked += 1
+            if acked == 10:
+                call.cancel()  # the client dies with batches in flight and unacknowledged
+                break
+    report = await TickStreamer(ingest.address, API_KEY, "feed-1").send(batches)
+    total, keys = stored_ticks(database_url)
+    assert report.batches_acked == 40
+    assert report.batches_replayed >= 10
+    assert total == 40 * 50
+    assert keys == sent_keys(batches)
+
+
+async def test_stream_ticks_server_killed_midstream_resumes_and_stores_each_tick_once(
+        ingest: ServiceProcess, database_url: str) -> None:
+    batches = make_batches(200, 100)
+    streamer = TickStreamer(ingest.address, API_KEY, "feed-2", backoff_seconds=0.05, max_reconnects=50)
+
+    async def chaos() -> None:
+        for _ in range(2):
+            await asyncio.sleep(0.4)
+            ingest.kill()  # SIGKILL: whatever was in flight is lost unless committed
+            await asyncio.to_thread(ingest.start)
+
+    chaos_task = asyncio.create_task(chaos())
+    report = await streamer.send(batches)
+    await chaos_task
+    total, keys = stored_ticks(database_url)
+    assert report.reconnects >= 1
+    assert total == 200 * 100
+    assert keys == sent_keys(batches)
+
+
+async def test_stream_ticks_bad_batch_acks_prefix_then_names_field(ingest: ServiceProcess, database_url: str) -> None:
+    good = make_batches(2, 3)
+    bad = [market_pb2.Tick(symbol="EURUSD", ts=timestamp(START), bid=1.1, ask=1.0)]
+
+    async def requests() -> None:
+        for seq, ticks in enumerate([*good, bad, *make_batches(1, 3, seed=9)], start=1):
+            yield pb.StreamTicksRequest(source_id="feed-3", sequence=seq, ticks=ticks)
+
+    acks = []
+    async with grpc.aio.insecure_channel(ingest.address) as channel:
+        call = pb_grpc.IngestServiceStub(channel).StreamTicks(requests(), metadata=api_key_metadata(API_KEY))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for ack in call:
+                acks.append(ack.sequence)
+    assert acks == [1, 2]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ticks[0].ask" in (info.value.details() or "")
+    assert stored_ticks(database_url)[0] == 6
+
+
+async def test_subscribe_ticks_from_cursor_replays_stored_then_live_without_gap(ingest: ServiceProcess) -> None:
+    batches = make_batches(3, 10)
+    await TickStreamer(ingest.address, API_KEY, "feed-4").send(batches[:2])
+    channel = open_channel(ingest.address, API_KEY)
+    stub = pb_grpc.IngestServiceStub(channel)
+    received: list[pb.SubscribeTicksResponse] = []
+    call = stub.SubscribeTicks(pb.SubscribeTicksRequest(from_cursor=0))
+
+    async def read(n: int) -> None:
+        async for item in call:
+            received.append(item)
+            if len(received) == n:
+                return
+
+    await asyncio.wait_for(read(20), 10)
+    live = asyncio.create_task(read(30))
+    await TickStreamer(ingest.address, API_KEY, "feed-4").send(batches[2:], first_sequence=3)
+    await asyncio.wait_for(live, 10)
+    call.cancel()
+    assert [r.tick for r in received] == [t for b in batches for t in b]
+    cursors = [r.cursor for r in received]
+    assert cursors == sorted(set(cursors))
+    resumed = stub.SubscribeTicks(pb.SubscribeTicksRequest(from_cursor=cursors[14]))
+    tail = []
+    async for item in resumed:
+        tail.append(item)
+        if len(tail) == 15:
+            break
+    resumed.cancel()
+    assert [r.cursor for r in tail] == cursors[15:]
+    await channel.close()
+
+
+async def test_ingest_calls_without_or_with_wrong_key_are_unauthenticated(ingest: ServiceProcess) -> None:
+    request = pb.IngestTicksRequest(ticks=make_batches(1, 1)[0])
+    async with grpc.aio.insecure_channel(ingest.address) as channel:
+        stub = pb_grpc.IngestServiceStub(channel)
+        for metadata in [(), (("x-api-key", "wrong-key-0123456789"),)]:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.IngestTicks(request, metadata=metadata, timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert grpc_status(ingest.address) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_ingest_database_unreachable_reports_not_serving_and_stays_up(tmp_path: pathlib.Path) -> None:
+    dead = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nothing"
+    service = make_service("ingest", dead, tmp_path).start(wait_serving=False)
+    try:
+        wait_until(lambda: grpc_status(service.address) == health_pb2.HealthCheckResponse.NOT_SERVING, 30,
+                   what="NOT_SERVING")
+        assert service.proc is not None and service.proc.poll() is None
+    finally:
+        service.kill()
+
+
+def test_ingest_sigterm_stops_cleanly_with_exit_zero(ingest: ServiceProcess) -> None:
+    assert ingest.terminate() == 0
