@@ -7,7 +7,7 @@ py=${PYTHON:-.venv/bin/python}
 deps=build/proto-deps
 rm -rf "$deps" && mkdir -p "$deps/google/api" "$deps/google/rpc"
 site=$("$py" -c 'import google.api, pathlib; print(pathlib.Path(google.api.__path__[0]).parent)')
-cp "$site/api/annotations.proto" "$site/api/http.proto" "$deps/google/api/"
+cp "$site/api/annotations.proto" "$site/api/http.proto" "$site/api/httpbody.proto" "$deps/google/api/"
 cp "$site/rpc/status.proto" "$site/rpc/error_details.proto" "$deps/google/rpc/"
 export PATH="$(dirname "$py"):$PATH"
 buf generate

@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from mt5.market.v1 import market_pb2 as mt5_dot_market_dot_v1_dot_market__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(mt5/inference/v1/inference_service.proto\x12\x10mt5.inference.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1amt5/market/v1/market.proto\"\x8e\x01\n\x17SubscribeSignalsRequest\x12\x18\n\x07symbols\x18\x01 \x03(\tR\x07symbols\x12\x38\n\ntimeframes\x18\x02 \x03(\x0e\x32\x18.mt5.market.v1.TimeframeR\ntimeframes\x12\x1f\n\x0b\x66rom_cursor\x18\x03 \x01(\x04R\nfromCursor\"a\n\x18SubscribeSignalsResponse\x12\x16\n\x06\x63ursor\x18\x01 \x01(\x04R\x06\x63ursor\x12-\n\x06signal\x18\x02 \x01(\x0b\x32\x15.mt5.market.v1.SignalR\x06signal\"$\n\nFeatureRow\x12\x16\n\x06values\x18\x01 \x03(\x01R\x06values\"B\n\x0ePredictRequest\x12\x30\n\x04rows\x18\x01 \x03(\x0b\x32\x1c.mt5.inference.v1.FeatureRowR\x04rows\"v\n\x0fPredictResponse\x12>\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x1c.mt5.inference.v1.PredictionR\x0bpredictions\x12#\n\rmodel_version\x18\x02 \x01(\tR\x0cmodelVersion\";\n\nPrediction\x12\x17\n\x07prob_up\x18\x01 \x01(\x01R\x06probUp\x12\x14\n\x05label\x18\x02 \x01(\x05R\x05label\"F\n\x14PredictStreamRequest\x12.\n\x03row\x18\x01 \x01(\x0b\x32\x1c.mt5.inference.v1.FeatureRowR\x03row\"z\n\x15PredictStreamResponse\x12<\n\nprediction\x18\x01 \x01(\x0b\x32\x1c.mt5.inference.v1.PredictionR\nprediction\x12#\n\rmodel_version\x18\x02 \x01(\tR\x0cmodelVersion\"L\n\x12ListSignalsRequest\x12\x36\n\ttimeframe\x18\x01 \x01(\x0e\x32\x18.mt5.market.v1.TimeframeR\ttimeframe\"F\n\x13ListSignalsResponse\x12/\n\x07signals\x18\x01 \x03(\x0b\x32\x15.mt5.market.v1.SignalR\x07signals\"L\n\x12SaveSignalsRequest\x12\x36\n\ttimeframe\x18\x01 \x01(\x0e\x32\x18.mt5.market.v1.TimeframeR\ttimeframe\"c\n\x13SaveSignalsResponse\x12\x14\n\x05saved\x18\x01 \x01(\rR\x05saved\x12\x36\n\ttimeframe\x18\x02 \x01(\x0e\x32\x18.mt5.market.v1.TimeframeR\ttimeframe\"\x7f\n\x17GetSignalHistoryRequest\x12\x16\n\x06symbol\x18\x01 \x01(\tR\x06symbol\x12\x36\n\ttimeframe\x18\x02 \x01(\x0e\x32\x18.mt5.market.v1.TimeframeR\ttimeframe\x12\x14\n\x05limit\x18\x03 \x01(\rR\x05limit\"K\n\x18GetSignalHistoryResponse\x12/\n\x07signals\x18\x01 \x03(\x0b\x32\x15.mt5.market.v1.SignalR\x07signals\"Q\n\x17GetLatestSignalsRequest\x12\x36\n\ttimeframe\x18\x01 \x01(\x0e\x32\x18.mt5.market.v1.TimeframeR\ttimeframe\"K\n\x18GetLatestSignalsResponse\x12/\n\x07signals\x18\x01 \x03(\x0b\x32\x15.mt5.market.v1.SignalR\x07signals2\xbc\x06\n\x10InferenceService\x12k\n\x10SubscribeSignals\x12).mt5.inference.v1.SubscribeSignalsRequest\x1a*.mt5.inference.v1.SubscribeSignalsResponse0\x01\x12N\n\x07Predict\x12 .mt5.inference.v1.PredictRequest\x1a!.mt5.inference.v1.PredictResponse\x12\x64\n\rPredictStream\x12&.mt5.inference.v1.PredictStreamRequest\x1a\'.mt5.inference.v1.PredictStreamResponse(\x01\x30\x01\x12u\n\x0bListSignals\x12$.mt5.inference.v1.ListSignalsRequest\x1a%.mt5.inference.v1.ListSignalsResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x08/signalsb\x07signals\x12q\n\x0bSaveSignals\x12$.mt5.inference.v1.SaveSignalsRequest\x1a%.mt5.inference.v1.SaveSignalsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\"\r/signals/save\x12\x8c\x01\n\x10GetSignalHistory\x12).mt5.inference.v1.GetSignalHistoryRequest\x1a*.mt5.inference.v1.GetSignalHistoryResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x10/signals/historyb\x07signals\x12\x8b\x01\n\x10GetLatestSignals\x12).mt5.inference.v1.GetLatestSignalsRequest\x1a*.mt5.inference.v1.GetLatestSignalsResponse\" \x82\xd3\xe4\x93\x02\x1a\x12\x0f/signals/latestb\x07signalsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(mt5/inference/v1/inference_service.proto\x12\x10mt5.inference.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1amt5/market/v1/market.proto\"\x8e\x01\n\x17SubscribeSignalsRequest\x12\x18\n\x07symbols\x18\x01 \x03(\tR\x07symbols\x12\x38\n\ntimeframes\x18\x02 \x03(\x0e\x32\x18.mt5.market.v1.TimeframeR\ntimeframes\x12\x1f\n\x0b\x66rom_cursor\x18\x03 \x01(\x04R\nfromCursor\"a\n\x18SubscribeSignalsResponse\x12\x16\n\x06\x63ursor\x18\x01 \x01(\x04R\x06\x63ursor\x12-\n\x06signal\x18\x02 \x01(\x0b\x32\x15.mt5.market.v1.SignalR\x06signal\"$\n\nFeatureRow\x12\x16\n\x06values\x18\x01 \x03(\x01R\x06values\"B\n\x0ePredictRequest\x12\x30\n\x04rows\x18\x01 \x03(\x0b\x32\x1c.mt5.inference.v1.FeatureRowR\x04rows\"v\n\x0fPredictResponse\x12>\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x1c.mt5.inference.v1.PredictionR\x0bpredictions\x12#\n\rmodel_version\x18\x02 \x01(\tR\x0cmodelVersion\";\n\nPrediction\x12\x17\n\x07prob_up\x18\x01 \x01(\x01R\x06probUp\x12\x14\n\x05label\x18\x02 \x01(\x05R\x05label\"F\n\x14PredictStreamRequest\x12.\n\x03row\x18\x01 \x01(\x0b\x32\x1c.mt5.inference.v1.FeatureRowR\x03row\"z\n\x15PredictStreamResponse\x12<\n\nprediction\x18\x01 \x01(\x0b\x32\x1c.mt5.inference.v1.PredictionR\nprediction\x12#\n\rmodel_version\x18\x02 \x01(\tR\x0cmodelVersion\"L\n\x12ListSignalsRequest\x12\x36\n\ttimeframe\x18\x01 \x01(\x0e\x32\x18.mt5.market.v1.TimeframeR\ttimeframe\"F\n\x13ListSignalsResponse\x12/\n\x07signals\x18\x01 \x03(\x0b\x32\x15.mt5.market.v1.SignalR\x07signals\"L\n\x12SaveSignalsRequest\x12\x36\n\ttimeframe\x18\x01 \x01(\x0e\x32\x18.mt5.market.v1.TimeframeR\ttimeframe\"c\n\x13SaveSignalsResponse\x12\x14\n\x05saved\x18\x01 \x01(\rR\x05saved\x12\x36\n\ttimeframe\x18\x02 \x01(\x0e\x32\x18.mt5.market.v1.TimeframeR\ttimeframe\"\x7f\n\x17GetSignalHistoryRequest\x12\x16\n\x06symbol\x18\x01 \x01(\tR\x06symbol\x12\x36\n\ttimeframe\x18\x02 \x01(\x0e\x32\x18.mt5.market.v1.TimeframeR\ttimeframe\x12\x14\n\x05limit\x18\x03 \x01(\rR\x05limit\"K\n\x18GetSignalHistoryResponse\x12/\n\x07signals\x18\x01 \x03(\x0b\x32\x15.mt5.market.v1.SignalR\x07signals\"Q\n\x17GetLatestSignalsRequest\x12\x36\n\ttimeframe\x18\x01 \x01(\x0e\x32\x18.mt5.market.v1.TimeframeR\ttimeframe\"K\n\x18GetLatestSignalsResponse\x12/\n\x07signals\x18\x01 \x03(\x0b\x32\x15.mt5.market.v1.SignalR\x07signals\"N\n\x14\x45xportSignalsRequest\x12\x36\n\ttimeframe\x18\x01 \x01(\x0e\x32\x18.mt5.market.v1.TimeframeR\ttimeframe\"\x82\x01\n\x1a\x45xportSignalHistoryRequest\x12\x16\n\x06symbol\x18\x01 \x01(\tR\x06symbol\x12\x36\n\ttimeframe\x18\x02 \x01(\x0e\x32\x18.mt5.market.v1.TimeframeR\ttimeframe\x12\x14\n\x05limit\x18\x03 \x01(\rR\x05limit\"T\n\x1a\x45xportLatestSignalsRequest\x12\x36\n\ttimeframe\x18\x01 \x01(\x0e\x32\x18.mt5.market.v1.TimeframeR\ttimeframe2\xf4\x08\n\x10InferenceService\x12k\n\x10SubscribeSignals\x12).mt5.inference.v1.SubscribeSignalsRequest\x1a*.mt5.inference.v1.SubscribeSignalsResponse0\x01\x12N\n\x07Predict\x12 .mt5.inference.v1.PredictRequest\x1a!.mt5.inference.v1.PredictResponse\x12\x64\n\rPredictStream\x12&.mt5.inference.v1.PredictStreamRequest\x1a\'.mt5.inference.v1.PredictStreamResponse(\x01\x30\x01\x12o\n\x0bListSignals\x12$.mt5.inference.v1.ListSignalsRequest\x1a%.mt5.inference.v1.ListSignalsResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/signals\x12q\n\x0bSaveSignals\x12$.mt5.inference.v1.SaveSignalsRequest\x1a%.mt5.inference.v1.SaveSignalsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\"\r/signals/save\x12\x86\x01\n\x10GetSignalHistory\x12).mt5.inference.v1.GetSignalHistoryRequest\x1a*.mt5.inference.v1.GetSignalHistoryResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/signals/history\x12\x85\x01\n\x10GetLatestSignals\x12).mt5.inference.v1.GetLatestSignalsRequest\x1a*.mt5.inference.v1.GetLatestSignalsResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/signals/latest\x12_\n\rExportSignals\x12&.mt5.inference.v1.ExportSignalsRequest\x1a\x14.google.api.HttpBody\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/signals\x12s\n\x13\x45xportSignalHistory\x12,.mt5.inference.v1.ExportSignalHistoryRequest\x1a\x14.google.api.HttpBody\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/signals/history\x12r\n\x13\x45xportLatestSignals\x12,.mt5.inference.v1.ExportLatestSignalsRequest\x1a\x14.google.api.HttpBody\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/signals/latestb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,45 +35,57 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mt5.inference.v1.inference_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFERENCESERVICE'].methods_by_name['ListSignals']._loaded_options = None
-  _globals['_INFERENCESERVICE'].methods_by_name['ListSignals']._serialized_options = b'\202\323\344\223\002\023\022\010/signalsb\007signals'
+  _globals['_INFERENCESERVICE'].methods_by_name['ListSignals']._serialized_options = b'\202\323\344\223\002\r\022\013/v1/signals'
   _globals['_INFERENCESERVICE'].methods_by_name['SaveSignals']._loaded_options = None
   _globals['_INFERENCESERVICE'].methods_by_name['SaveSignals']._serialized_options = b'\202\323\344\223\002\017\"\r/signals/save'
   _globals['_INFERENCESERVICE'].methods_by_name['GetSignalHistory']._loaded_options = None
-  _globals['_INFERENCESERVICE'].methods_by_name['GetSignalHistory']._serialized_options = b'\202\323\344\223\002\033\022\020/signals/historyb\007signals'
+  _globals['_INFERENCESERVICE'].methods_by_name['GetSignalHistory']._serialized_options = b'\202\323\344\223\002\025\022\023/v1/signals/history'
   _globals['_INFERENCESERVICE'].methods_by_name['GetLatestSignals']._loaded_options = None
-  _globals['_INFERENCESERVICE'].methods_by_name['GetLatestSignals']._serialized_options = b'\202\323\344\223\002\032\022\017/signals/latestb\007signals'
-  _globals['_SUBSCRIBESIGNALSREQUEST']._serialized_start=121
-  _globals['_SUBSCRIBESIGNALSREQUEST']._serialized_end=263
-  _globals['_SUBSCRIBESIGNALSRESPONSE']._serialized_start=265
-  _globals['_SUBSCRIBESIGNALSRESPONSE']._serialized_end=362
-  _globals['_FEATUREROW']._serialized_start=364
-  _globals['_FEATUREROW']._serialized_end=400
-  _globals['_PREDICTREQUEST']._serialized_start=402
-  _globals['_PREDICTREQUEST']._serialized_end=468
-  _globals['_PREDICTRESPONSE']._serialized_start=470
-  _globals['_PREDICTRESPONSE']._serialized_end=588
-  _globals['_PREDICTION']._serialized_start=590
-  _globals['_PREDICTION']._serialized_end=649
-  _globals['_PREDICTSTREAMREQUEST']._serialized_start=651
-  _globals['_PREDICTSTREAMREQUEST']._serialized_end=721
-  _globals['_PREDICTSTREAMRESPONSE']._serialized_start=723
-  _globals['_PREDICTSTREAMRESPONSE']._serialized_end=845
-  _globals['_LISTSIGNALSREQUEST']._serialized_start=847
-  _globals['_LISTSIGNALSREQUEST']._serialized_end=923
-  _globals['_LISTSIGNALSRESPONSE']._serialized_start=925
-  _globals['_LISTSIGNALSRESPONSE']._serialized_end=995
-  _globals['_SAVESIGNALSREQUEST']._serialized_start=997
-  _globals['_SAVESIGNALSREQUEST']._serialized_end=1073
-  _globals['_SAVESIGNALSRESPONSE']._serialized_start=1075
-  _globals['_SAVESIGNALSRESPONSE']._serialized_end=1174
-  _globals['_GETSIGNALHISTORYREQUEST']._serialized_start=1176
-  _globals['_GETSIGNALHISTORYREQUEST']._serialized_end=1303
-  _globals['_GETSIGNALHISTORYRESPONSE']._serialized_start=1305
-  _globals['_GETSIGNALHISTORYRESPONSE']._serialized_end=1380
-  _globals['_GETLATESTSIGNALSREQUEST']._serialized_start=1382
-  _globals['_GETLATESTSIGNALSREQUEST']._serialized_end=1463
-  _globals['_GETLATESTSIGNALSRESPONSE']._serialized_start=1465
-  _globals['_GETLATESTSIGNALSRESPONSE']._serialized_end=1540
-  _globals['_INFERENCESERVICE']._serialized_start=1543
-  _globals['_INFERENCESERVICE']._serialized_end=2371
+  _globals['_INFERENCESERVICE'].methods_by_name['GetLatestSignals']._serialized_options = b'\202\323\344\223\002\024\022\022/v1/signals/latest'
+  _globals['_INFERENCESERVICE'].methods_by_name['ExportSignals']._loaded_options = None
+  _globals['_INFERENCESERVICE'].methods_by_name['ExportSignals']._serialized_options = b'\202\323\344\223\002\n\022\010/signals'
+  _globals['_INFERENCESERVICE'].methods_by_name['ExportSignalHistory']._loaded_options = None
+  _globals['_INFERENCESERVICE'].methods_by_name['ExportSignalHistory']._serialized_options = b'\202\323\344\223\002\022\022\020/signals/history'
+  _globals['_INFERENCESERVICE'].methods_by_name['ExportLatestSignals']._loaded_options = None
+  _globals['_INFERENCESERVICE'].methods_by_name['ExportLatestSignals']._serialized_options = b'\202\323\344\223\002\021\022\017/signals/latest'
+  _globals['_SUBSCRIBESIGNALSREQUEST']._serialized_start=148
+  _globals['_SUBSCRIBESIGNALSREQUEST']._serialized_end=290
+  _globals['_SUBSCRIBESIGNALSRESPONSE']._serialized_start=292
+  _globals['_SUBSCRIBESIGNALSRESPONSE']._serialized_end=389
+  _globals['_FEATUREROW']._serialized_start=391
+  _globals['_FEATUREROW']._serialized_end=427
+  _globals['_PREDICTREQUEST']._serialized_start=429
+  _globals['_PREDICTREQUEST']._serialized_end=495
+  _globals['_PREDICTRESPONSE']._serialized_start=497
+  _globals['_PREDICTRESPONSE']._serialized_end=615
+  _globals['_PREDICTION']._serialized_start=617
+  _globals['_PREDICTION']._serialized_end=676
+  _globals['_PREDICTSTREAMREQUEST']._serialized_start=678
+  _globals['_PREDICTSTREAMREQUEST']._serialized_end=748
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_start=750
+  _globals['_PREDICTSTREAMRESPONSE']._serialized_end=872
+  _globals['_LISTSIGNALSREQUEST']._serialized_start=874
+  _globals['_LISTSIGNALSREQUEST']._serialized_end=950
+  _globals['_LISTSIGNALSRESPONSE']._serialized_start=952
+  _globals['_LISTSIGNALSRESPONSE']._serialized_end=1022
+  _globals['_SAVESIGNALSREQUEST']._serialized_start=1024
+  _globals['_SAVESIGNALSREQUEST']._serialized_end=1100
+  _globals['_SAVESIGNALSRESPONSE']._serialized_start=1102
+  _globals['_SAVESIGNALSRESPONSE']._serialized_end=1201
+  _globals['_GETSIGNALHISTORYREQUEST']._serialized_start=1203
+  _globals['_GETSIGNALHISTORYREQUEST']._serialized_end=1330
+  _globals['_GETSIGNALHISTORYRESPONSE']._serialized_start=1332
+  _globals['_GETSIGNALHISTORYRESPONSE']._serialized_end=1407
+  _globals['_GETLATESTSIGNALSREQUEST']._serialized_start=1409
+  _globals['_GETLATESTSIGNALSREQUEST']._serialized_end=1490
+  _globals['_GETLATESTSIGNALSRESPONSE']._serialized_start=1492
+  _globals['_GETLATESTSIGNALSRESPONSE']._serialized_end=1567
+  _globals['_EXPORTSIGNALSREQUEST']._serialized_start=1569
+  _globals['_EXPORTSIGNALSREQUEST']._serialized_end=1647
+  _globals['_EXPORTSIGNALHISTORYREQUEST']._serialized_start=1650
+  _globals['_EXPORTSIGNALHISTORYREQUEST']._serialized_end=1780
+  _globals['_EXPORTLATESTSIGNALSREQUEST']._serialized_start=1782
+  _globals['_EXPORTLATESTSIGNALSREQUEST']._serialized_end=1866
+  _globals['_INFERENCESERVICE']._serialized_start=1869
+  _globals['_INFERENCESERVICE']._serialized_end=3009
 # @@protoc_insertion_point(module_scope)

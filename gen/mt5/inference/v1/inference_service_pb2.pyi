@@ -1,4 +1,5 @@
 from google.api import annotations_pb2 as _annotations_pb2
+from google.api import httpbody_pb2 as _httpbody_pb2
 from mt5.market.v1 import market_pb2 as _market_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -121,3 +122,25 @@ class GetLatestSignalsResponse(_message.Message):
     SIGNALS_FIELD_NUMBER: _ClassVar[int]
     signals: _containers.RepeatedCompositeFieldContainer[_market_pb2.Signal]
     def __init__(self, signals: _Optional[_Iterable[_Union[_market_pb2.Signal, _Mapping]]] = ...) -> None: ...
+
+class ExportSignalsRequest(_message.Message):
+    __slots__ = ("timeframe",)
+    TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
+    timeframe: _market_pb2.Timeframe
+    def __init__(self, timeframe: _Optional[_Union[_market_pb2.Timeframe, str]] = ...) -> None: ...
+
+class ExportSignalHistoryRequest(_message.Message):
+    __slots__ = ("symbol", "timeframe", "limit")
+    SYMBOL_FIELD_NUMBER: _ClassVar[int]
+    TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    symbol: str
+    timeframe: _market_pb2.Timeframe
+    limit: int
+    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[_Union[_market_pb2.Timeframe, str]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ExportLatestSignalsRequest(_message.Message):
+    __slots__ = ("timeframe",)
+    TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
+    timeframe: _market_pb2.Timeframe
+    def __init__(self, timeframe: _Optional[_Union[_market_pb2.Timeframe, str]] = ...) -> None: ...

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from mt5.inference.v1 import inference_service_pb2 as mt5_dot_inference_dot_v1_dot_inference__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -71,6 +72,21 @@ class InferenceServiceStub:
                 request_serializer=mt5_dot_inference_dot_v1_dot_inference__service__pb2.GetLatestSignalsRequest.SerializeToString,
                 response_deserializer=mt5_dot_inference_dot_v1_dot_inference__service__pb2.GetLatestSignalsResponse.FromString,
                 _registered_method=True)
+        self.ExportSignals = channel.unary_unary(
+                '/mt5.inference.v1.InferenceService/ExportSignals',
+                request_serializer=mt5_dot_inference_dot_v1_dot_inference__service__pb2.ExportSignalsRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.ExportSignalHistory = channel.unary_unary(
+                '/mt5.inference.v1.InferenceService/ExportSignalHistory',
+                request_serializer=mt5_dot_inference_dot_v1_dot_inference__service__pb2.ExportSignalHistoryRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.ExportLatestSignals = channel.unary_unary(
+                '/mt5.inference.v1.InferenceService/ExportLatestSignals',
+                request_serializer=mt5_dot_inference_dot_v1_dot_inference__service__pb2.ExportLatestSignalsRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -100,7 +116,7 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSignals(self, request, context):
-        """ListSignals returns the current signal of every symbol for a timeframe, as a bare JSON array.
+        """ListSignals returns the current signal of every symbol for a timeframe.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,6 +138,35 @@ class InferenceServiceServicer:
 
     def GetLatestSignals(self, request, context):
         """GetLatestSignals returns the last saved signal of every symbol for a timeframe.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSignals(self, request, context):
+        """ExportSignals answers the seed's "GET /signals": the current signals as a bare JSON array
+        (the same objects ListSignals returns). Envoy's transcoder cannot print a repeated field as
+        the whole body, so these seed routes return the JSON array as an HttpBody.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSignalHistory(self, request, context):
+        """ExportSignalHistory answers the seed's "GET /signals/history" as a bare JSON array.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportLatestSignals(self, request, context):
+        """ExportLatestSignals answers the seed's "GET /signals/latest" as a bare JSON array.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,6 +209,21 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetLatestSignals,
                     request_deserializer=mt5_dot_inference_dot_v1_dot_inference__service__pb2.GetLatestSignalsRequest.FromString,
                     response_serializer=mt5_dot_inference_dot_v1_dot_inference__service__pb2.GetLatestSignalsResponse.SerializeToString,
+            ),
+            'ExportSignals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSignals,
+                    request_deserializer=mt5_dot_inference_dot_v1_dot_inference__service__pb2.ExportSignalsRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'ExportSignalHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSignalHistory,
+                    request_deserializer=mt5_dot_inference_dot_v1_dot_inference__service__pb2.ExportSignalHistoryRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'ExportLatestSignals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportLatestSignals,
+                    request_deserializer=mt5_dot_inference_dot_v1_dot_inference__service__pb2.ExportLatestSignalsRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +417,87 @@ class InferenceService:
             '/mt5.inference.v1.InferenceService/GetLatestSignals',
             mt5_dot_inference_dot_v1_dot_inference__service__pb2.GetLatestSignalsRequest.SerializeToString,
             mt5_dot_inference_dot_v1_dot_inference__service__pb2.GetLatestSignalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSignals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mt5.inference.v1.InferenceService/ExportSignals',
+            mt5_dot_inference_dot_v1_dot_inference__service__pb2.ExportSignalsRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSignalHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mt5.inference.v1.InferenceService/ExportSignalHistory',
+            mt5_dot_inference_dot_v1_dot_inference__service__pb2.ExportSignalHistoryRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportLatestSignals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mt5.inference.v1.InferenceService/ExportLatestSignals',
+            mt5_dot_inference_dot_v1_dot_inference__service__pb2.ExportLatestSignalsRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
