@@ -56,13 +56,17 @@ def grpc_status(address: str, timeout: float = 1.0) -> int | None:
     """The health status of a gRPC server, or None when it does not answer."""
     with grpc.insecure_channel(address) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
         except grpc.RpcError:
             return None
     return int(reply.status)
 
 
-def wait_until(predicate: object, timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> None:
+def wait_until(
+    predicate: object, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():  # type: ignore[operator]
@@ -87,8 +91,13 @@ class ServiceProcess:
 
     def start(self, *, wait_serving: bool = True) -> ServiceProcess:
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", f"services.{self.name}"], env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT, cwd=REPO)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{self.name}"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
         if wait_serving:
             self.wait_serving()
         return self
@@ -115,23 +124,28 @@ class ServiceProcess:
         return self.proc.wait(timeout)
 
 
-def service_env(name: str, port: int, database_url: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def service_env(
+    name: str, port: int, database_url: str, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MT5MESH_", "OTEL_", "INGEST_"))}
-    env.update({
-        "MT5MESH_API_KEY": API_KEY,
-        "DATABASE_URL": database_url,
-        f"{name.upper()}_LISTEN": f"127.0.0.1:{port}",
-        f"{name.upper()}_METRICS_PORT": "0",
-        "LOG_LEVEL": "WARNING",
-        "MT5MESH_HEALTH_PROBE_SECONDS": "0.2",
-        "MT5MESH_SHUTDOWN_GRACE_SECONDS": "2",
-    })
+    env.update(
+        {
+            "MT5MESH_API_KEY": API_KEY,
+            "DATABASE_URL": database_url,
+            f"{name.upper()}_LISTEN": f"127.0.0.1:{port}",
+            f"{name.upper()}_METRICS_PORT": "0",
+            "LOG_LEVEL": "WARNING",
+            "MT5MESH_HEALTH_PROBE_SECONDS": "0.2",
+            "MT5MESH_SHUTDOWN_GRACE_SECONDS": "2",
+        }
+    )
     env.update(extra or {})
     return env
 
 
-def make_service(name: str, database_url: str, log_dir: pathlib.Path, extra: Mapping[str, str] | None = None
-                 ) -> ServiceProcess:
+def make_service(
+    name: str, database_url: str, log_dir: pathlib.Path, extra: Mapping[str, str] | None = None
+) -> ServiceProcess:
     port = free_port()
     return ServiceProcess(name, service_env(name, port, database_url, extra), log_dir / f"{name}.log", port)
 
@@ -162,13 +176,28 @@ class EnvoyProcess:
 
 def start_envoy(upstreams: Mapping[str, int], workdir: pathlib.Path) -> EnvoyProcess:
     port, admin_port = free_port(), free_port()
-    settings = GatewaySettings(listen_port=port, admin_port=admin_port, descriptor_path=DESCRIPTOR,
-                               upstreams={n: ("127.0.0.1", p) for n, p in upstreams.items()},
-                               listen_address="127.0.0.1")
+    settings = GatewaySettings(
+        listen_port=port,
+        admin_port=admin_port,
+        descriptor_path=DESCRIPTOR,
+        upstreams={n: ("127.0.0.1", p) for n, p in upstreams.items()},
+        listen_address="127.0.0.1",
+    )
     config = write_config(render_config(load_base_config(), settings), workdir / "envoy.yaml")
     log = (workdir / "envoy.log").open("ab")
-    proc = subprocess.Popen([envoy_binary(), "-c", str(config), "--use-dynamic-base-id", "--disable-hot-restart",
-                             "--log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            envoy_binary(),
+            "-c",
+            str(config),
+            "--use-dynamic-base-id",
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     envoy = EnvoyProcess(port, admin_port, proc)
 
     def ready() -> bool:

@@ -17,12 +17,19 @@ class PeerHealth:
 
     def __init__(self, peers: Mapping[str, str], *, deadline_seconds: float) -> None:
         self._deadline = deadline_seconds
-        self._channels = {name: grpc.aio.insecure_channel(address) for name, address in peers.items()}
+        # Short reconnect backoff: a restarted peer should count as back within a second, not after
+        # the default backoff of up to two minutes.
+        options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+        self._channels = {
+            name: grpc.aio.insecure_channel(address, options=options) for name, address in peers.items()
+        }
         self._stubs = {name: health_pb2_grpc.HealthStub(ch) for name, ch in self._channels.items()}
 
     async def _serving(self, name: str) -> bool:
         try:
-            reply = await self._stubs[name].Check(health_pb2.HealthCheckRequest(), timeout=self._deadline)
+            reply = await self._stubs[name].Check(
+                health_pb2.HealthCheckRequest(), timeout=self._deadline, wait_for_ready=True
+            )
         except grpc.aio.AioRpcError as exc:
             logger.debug("peer %s health check failed: %s", name, exc.code())
             return False

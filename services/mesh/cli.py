@@ -96,7 +96,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                 "warn",
             ],
             {},
-            http_ready=f"http://127.0.0.1:{args.admin_port}/ready",
+            # Ready means the gateway's own /health answers 200: Envoy is live, its health checks
+            # see ingest, and ingest sees every service SERVING.
+            http_ready=f"http://127.0.0.1:{args.gateway_port}/health",
         )
     )
     ready = (

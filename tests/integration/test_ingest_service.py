@@ -41,8 +41,14 @@ def make_batches(count: int, size: int, symbol: str = "EURUSD", seed: int = 3) -
         for i in range(size):
             n = b * size + i
             mid = 1.08 + rng.random() / 1000
-            batch.append(market_pb2.Tick(symbol=symbol, ts=timestamp(START + dt.timedelta(milliseconds=n * 7)),
-                                         bid=round(mid, 6), ask=round(mid + 0.0001, 6)))
+            batch.append(
+                market_pb2.Tick(
+                    symbol=symbol,
+                    ts=timestamp(START + dt.timedelta(milliseconds=n * 7)),
+                    bid=round(mid, 6),
+                    ask=round(mid + 0.0001, 6),
+                )
+            )
         batches.append(batch)
     return batches
 
@@ -52,8 +58,9 @@ def stored_ticks(database_url: str) -> tuple[int, set[tuple[str, dt.datetime, fl
     try:
         with engine.connect() as conn:
             total = conn.execute(select(func.count()).select_from(ingest_ticks)).scalar_one()
-            rows = conn.execute(select(ingest_ticks.c.symbol, ingest_ticks.c.ts, ingest_ticks.c.bid,
-                                       ingest_ticks.c.ask))
+            rows = conn.execute(
+                select(ingest_ticks.c.symbol, ingest_ticks.c.ts, ingest_ticks.c.bid, ingest_ticks.c.ask)
+            )
             return int(total), {(r.symbol, r.ts, r.bid, r.ask) for r in rows}
     finally:
         engine.dispose()
@@ -64,16 +71,20 @@ def sent_keys(batches: list[list[market_pb2.Tick]]) -> set[tuple[str, dt.datetim
 
 
 async def test_stream_ticks_client_killed_midstream_resends_and_stores_each_tick_once(
-        ingest: ServiceProcess, database_url: str) -> None:
+    ingest: ServiceProcess, database_url: str
+) -> None:
     batches = make_batches(40, 50)
     acked = 0
     async with grpc.aio.insecure_channel(ingest.address) as channel:
+
         async def first_session() -> None:
             for seq, ticks in enumerate(batches, start=1):
                 yield pb.StreamTicksRequest(source_id="feed-1", sequence=seq, ticks=ticks)
                 await asyncio.sleep(0)
 
-        call = pb_grpc.IngestServiceStub(channel).StreamTicks(first_session(), metadata=api_key_metadata(API_KEY))
+        call = pb_grpc.IngestServiceStub(channel).StreamTicks(
+            first_session(), metadata=api_key_metadata(API_KEY)
+        )
         async for _ack in call:
             acked += 1
             if acked == 10:
@@ -88,7 +99,8 @@ async def test_stream_ticks_client_killed_midstream_resends_and_stores_each_tick
 
 
 async def test_stream_ticks_server_killed_midstream_resumes_and_stores_each_tick_once(
-        ingest: ServiceProcess, database_url: str) -> None:
+    ingest: ServiceProcess, database_url: str
+) -> None:
     batches = make_batches(200, 100)
     streamer = TickStreamer(ingest.address, API_KEY, "feed-2", backoff_seconds=0.05, max_reconnects=50)
 
@@ -107,7 +119,9 @@ async def test_stream_ticks_server_killed_midstream_resumes_and_stores_each_tick
     assert keys == sent_keys(batches)
 
 
-async def test_stream_ticks_bad_batch_acks_prefix_then_names_field(ingest: ServiceProcess, database_url: str) -> None:
+async def test_stream_ticks_bad_batch_acks_prefix_then_names_field(
+    ingest: ServiceProcess, database_url: str
+) -> None:
     good = make_batches(2, 3)
     bad = [market_pb2.Tick(symbol="EURUSD", ts=timestamp(START), bid=1.1, ask=1.0)]
 
@@ -127,7 +141,9 @@ async def test_stream_ticks_bad_batch_acks_prefix_then_names_field(ingest: Servi
     assert stored_ticks(database_url)[0] == 6
 
 
-async def test_subscribe_ticks_from_cursor_replays_stored_then_live_without_gap(ingest: ServiceProcess) -> None:
+async def test_subscribe_ticks_from_cursor_replays_stored_then_live_without_gap(
+    ingest: ServiceProcess,
+) -> None:
     batches = make_batches(3, 10)
     await TickStreamer(ingest.address, API_KEY, "feed-4").send(batches[:2])
     channel = open_channel(ingest.address, API_KEY)
@@ -175,8 +191,11 @@ def test_ingest_database_unreachable_reports_not_serving_and_stays_up(tmp_path: 
     dead = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nothing"
     service = make_service("ingest", dead, tmp_path).start(wait_serving=False)
     try:
-        wait_until(lambda: grpc_status(service.address) == health_pb2.HealthCheckResponse.NOT_SERVING, 30,
-                   what="NOT_SERVING")
+        wait_until(
+            lambda: grpc_status(service.address) == health_pb2.HealthCheckResponse.NOT_SERVING,
+            30,
+            what="NOT_SERVING",
+        )
         assert service.proc is not None and service.proc.poll() is None
     finally:
         service.kill()

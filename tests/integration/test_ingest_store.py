@@ -28,8 +28,10 @@ def engine(database_url: str) -> Iterator[Engine]:
 
 
 def ticks(n: int, symbol: str = "EURUSD", start: int = 0) -> list[Tick]:
-    return [Tick(symbol, T0 + dt.timedelta(milliseconds=i), 1.0 + i * 1e-5, 1.0001 + i * 1e-5) for i in
-            range(start, start + n)]
+    return [
+        Tick(symbol, T0 + dt.timedelta(milliseconds=i), 1.0 + i * 1e-5, 1.0001 + i * 1e-5)
+        for i in range(start, start + n)
+    ]
 
 
 def count(engine: Engine, table: object) -> int:
@@ -100,8 +102,17 @@ def test_ticks_after_cursor_and_symbol_filter_returns_only_later_ticks(engine: E
 
 
 def candle(close: float, symbol: str = "EURUSD") -> Candle:
-    return Candle(symbol, Timeframe.M1, dt.datetime(2025, 10, 20, 3, tzinfo=dt.UTC), 1.0855, 1.0857, 1.0854,
-                  close, 150, 2)
+    return Candle(
+        symbol,
+        Timeframe.M1,
+        dt.datetime(2025, 10, 20, 3, tzinfo=dt.UTC),
+        1.0855,
+        1.0857,
+        1.0854,
+        close,
+        150,
+        2,
+    )
 
 
 def test_commit_candles_insert_duplicate_update_are_reported_and_logged(engine: Engine) -> None:
@@ -124,8 +135,9 @@ def test_candles_after_timeframe_filter_excludes_other_timeframes(engine: Engine
     assert [c.candle for c in store.candles_after(0, [], [Timeframe.H1], 10)] == [h1]
 
 
-def test_commit_failure_after_ticks_written_rolls_back_whole_group(engine: Engine,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_commit_failure_after_ticks_written_rolls_back_whole_group(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = IngestStore(engine)
 
     def fail(*_args: object) -> None:

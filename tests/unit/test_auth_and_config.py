@@ -36,7 +36,9 @@ def test_secret_list_file_and_value_are_both_read(tmp_path: pathlib.Path) -> Non
     secret = tmp_path / "keys"
     secret.write_text("second-key-0123456789\n")
     assert get_secret_list({"K": "first-key-0123456789", "K_FILE": str(secret)}, "K") == (
-        "first-key-0123456789", "second-key-0123456789")
+        "first-key-0123456789",
+        "second-key-0123456789",
+    )
 
 
 def test_secret_list_unreadable_file_names_the_variable(tmp_path: pathlib.Path) -> None:
@@ -56,8 +58,14 @@ def test_address_map_parses_names_and_addresses() -> None:
 
 
 def test_ingest_config_reads_every_setting_from_env() -> None:
-    config = IngestConfig.from_env({"MT5MESH_API_KEY": KEY, "INGEST_LISTEN": "0.0.0.0:6000",
-                                    "INGEST_MESH_PEERS": "aggregator=h:1", "DATABASE_URL": "sqlite:///x.db"})
+    config = IngestConfig.from_env(
+        {
+            "MT5MESH_API_KEY": KEY,
+            "INGEST_LISTEN": "0.0.0.0:6000",
+            "INGEST_MESH_PEERS": "aggregator=h:1",
+            "DATABASE_URL": "sqlite:///x.db",
+        }
+    )
     assert config.runtime.listen_address == "0.0.0.0:6000"
     assert config.runtime.api_keys == (KEY,)
     assert config.mesh_peers == {"aggregator": "h:1"}

@@ -105,8 +105,9 @@ def test_validate_ticks_good_tick_keeps_microseconds() -> None:
     assert tick.ts.microsecond == 123_000
 
 
-@pytest.mark.parametrize(("source", "sequence", "field"), [("", 1, "source_id"), ("a b", 1, "source_id"),
-                                                           ("feed", 0, "sequence")])
+@pytest.mark.parametrize(
+    ("source", "sequence", "field"), [("", 1, "source_id"), ("a b", 1, "source_id"), ("feed", 0, "sequence")]
+)
 def test_validate_source_bad_values_are_named(source: str, sequence: int, field: str) -> None:
     with pytest.raises(ValidationFailed) as info:
         domain.validate_source(source, sequence)
@@ -121,11 +122,19 @@ def test_classify_candles_new_same_changed_are_inserted_duplicate_updated() -> N
     stored = {candle(1.5).key: candle(1.5).values}
     other = dataclasses.replace(candle(1.5), symbol="GBPUSD")
     statuses = domain.classify_candles([candle(1.5), candle(1.6), other, other], stored)
-    assert statuses == [CandleStatus.DUPLICATE, CandleStatus.UPDATED, CandleStatus.INSERTED, CandleStatus.DUPLICATE]
+    assert statuses == [
+        CandleStatus.DUPLICATE,
+        CandleStatus.UPDATED,
+        CandleStatus.INSERTED,
+        CandleStatus.DUPLICATE,
+    ]
 
 
 def test_tick_statuses_repeated_key_in_one_request_is_duplicate() -> None:
     tick = Tick("EURUSD", TS, 1.0, 1.1)
     later = dataclasses.replace(tick, ts=TS + dt.timedelta(seconds=1))
-    assert domain.tick_statuses([tick, tick, later], {tick.key}) == [TickStatus.RECEIVED, TickStatus.DUPLICATE,
-                                                                      TickStatus.DUPLICATE]
+    assert domain.tick_statuses([tick, tick, later], {tick.key}) == [
+        TickStatus.RECEIVED,
+        TickStatus.DUPLICATE,
+        TickStatus.DUPLICATE,
+    ]

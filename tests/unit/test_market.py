@@ -30,8 +30,9 @@ def utc(*args: int) -> dt.datetime:
         (Timeframe.MN1, utc(2024, 2, 29, 12), utc(2024, 2, 1)),
     ],
 )
-def test_bucket_start_each_timeframe_matches_seed_table(timeframe: Timeframe, ts: dt.datetime,
-                                                        expected: dt.datetime) -> None:
+def test_bucket_start_each_timeframe_matches_seed_table(
+    timeframe: Timeframe, ts: dt.datetime, expected: dt.datetime
+) -> None:
     assert bucket_start(ts, timeframe) == expected
 
 

@@ -44,7 +44,9 @@ async def test_in_order_never_exceeds_max_in_flight() -> None:
         running -= 1
         return v
 
-    assert [x async for x in in_order(items(list(range(40))), check, work, max_in_flight=3)] == list(range(40))
+    assert [x async for x in in_order(items(list(range(40))), check, work, max_in_flight=3)] == list(
+        range(40)
+    )
     assert peak == 3
 
 

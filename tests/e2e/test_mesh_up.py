@@ -1,0 +1,147 @@
+"""`mt5mesh up` runs the whole mesh in the foreground, says `ready`, and stops cleanly."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from mt5.market.v1 import market_pb2
+
+from services.common.protoconv import timestamp
+from services.ingest.client import TickStreamer
+from tests.helpers import REPO, free_port, wait_until
+
+
+class MeshUp:
+    """A running `mt5mesh up` and the lines it printed."""
+
+    def __init__(self, data_dir: pathlib.Path) -> None:
+        self.gateway_port = free_port()
+        self.data_dir = data_dir
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MT5MESH_", "DATABASE_URL", "OTEL_"))}
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.mesh",
+                "up",
+                "--data-dir",
+                str(data_dir),
+                "--database-url",
+                f"sqlite:///{data_dir / 'mesh.db'}",
+                "--gateway-port",
+                str(self.gateway_port),
+                "--admin-port",
+                str(free_port()),
+                "--base-port",
+                str(free_port() + 10),
+                "--metrics-base-port",
+                "0",
+                "--log-level",
+                "WARNING",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    def api_key(self) -> str:
+        return (self.data_dir / "api_key").read_text().strip()
+
+
+@pytest.fixture
+def mesh_up(tmp_path: pathlib.Path) -> Iterator[MeshUp]:
+    up = MeshUp(tmp_path / "data")
+    yield up
+    if up.proc.poll() is None:
+        os.killpg(up.proc.pid, signal.SIGKILL)
+        up.proc.wait()
+
+
+def test_mesh_up_prints_ready_serves_seed_routes_and_grpc_then_stops_on_sigterm(mesh_up: MeshUp) -> None:
+    wait_until(
+        lambda: any("mt5-mesh ready" in line for line in mesh_up.lines) or mesh_up.proc.poll() is not None,
+        120,
+        what="a line containing ready",
+    )
+    assert mesh_up.proc.poll() is None, "".join(mesh_up.lines)
+    assert any("API key (generated" in line for line in mesh_up.lines)
+    assert (mesh_up.data_dir / "api_key").stat().st_mode & 0o077 == 0
+    health = httpx.get(mesh_up.url + "/health", timeout=10)
+    assert health.status_code == 200, health.text + "".join(mesh_up.lines)
+    assert health.json()["status"] == "healthy"
+    candle = {
+        "symbol": "UP1",
+        "timeframe": "M1",
+        "ts": "2025-10-20T03:00:00Z",
+        "open": 1.0855,
+        "high": 1.0857,
+        "low": 1.0854,
+        "close": 1.0856,
+        "volume": 150,
+        "spread": 2,
+    }
+    posted = httpx.post(
+        mesh_up.url + "/ingest_batch", json=[candle], headers={"X-API-Key": mesh_up.api_key()}
+    )
+    assert posted.json()["inserted"] == 1
+    # Native gRPC streaming through the same gateway port.
+    start = dt.datetime(2025, 10, 20, 3, tzinfo=dt.UTC)
+    batches = [
+        [
+            market_pb2.Tick(
+                symbol="UP1", ts=timestamp(start + dt.timedelta(seconds=b * 10 + i)), bid=1.1, ask=1.1002
+            )
+            for i in range(10)
+        ]
+        for b in range(5)
+    ]
+    import asyncio
+
+    report = asyncio.run(
+        TickStreamer(f"127.0.0.1:{mesh_up.gateway_port}", mesh_up.api_key(), "up-test").send(batches)
+    )
+    assert (report.batches_acked, report.ticks_stored) == (5, 50)
+    children = _children(mesh_up.proc.pid)
+    assert len(children) == 5
+    mesh_up.proc.send_signal(signal.SIGTERM)
+    assert mesh_up.proc.wait(60) == 0
+    wait_until(lambda: not any(_alive(pid) for pid in children), 10, what="children stopped")
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    )
+    return [int(p) for p in out.stdout.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = pathlib.Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
