@@ -32,14 +32,15 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services tools bench
+	$(VENV)/bin/mypy services tools tests bench
 	$(VENV)/bin/buf lint
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: $(STAMP)
+# Lint first: ruff, mypy and buf lint are part of the definition of done.
+test: lint
 	$(VENV)/bin/pytest -q
 
 test-unit: $(STAMP)

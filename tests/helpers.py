@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import grpc
 import psycopg
@@ -65,11 +65,11 @@ def grpc_status(address: str, timeout: float = 1.0) -> int | None:
 
 
 def wait_until(
-    predicate: object, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
+    predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
@@ -107,7 +107,7 @@ class ServiceProcess:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.name} exited: {self.log_path.read_text()[-3000:]}")
-            return grpc_status(self.address) == health_pb2.HealthCheckResponse.SERVING
+            return grpc_status(self.address) == int(health_pb2.HealthCheckResponse.SERVING)
 
         wait_until(serving, timeout, what=f"{self.name} SERVING")
 
@@ -204,7 +204,7 @@ def start_envoy(upstreams: Mapping[str, int], workdir: pathlib.Path) -> EnvoyPro
         if proc.poll() is not None:
             raise AssertionError("envoy exited: " + (workdir / "envoy.log").read_text()[-3000:])
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:  # noqa: S310
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
                 return bool(r.status == 200)
         except OSError:
             return False

@@ -36,7 +36,7 @@ def candle_to_pb(candle: Candle) -> market_pb2.Candle:
     """A Candle value as its message."""
     return market_pb2.Candle(
         symbol=candle.symbol,
-        timeframe=candle.timeframe.value,
+        timeframe=candle.timeframe.name,
         ts=timestamp(candle.ts),
         open=candle.open,
         high=candle.high,

@@ -60,7 +60,7 @@ def candles_response(
         details=[
             pb.CandleDetail(
                 symbol=c.symbol,
-                timeframe=c.timeframe.value,
+                timeframe=c.timeframe.name,
                 ts_original=original,
                 ts_bucket=timestamp(c.ts),
                 status=str(status),

@@ -30,7 +30,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-class IngestServicer(pb_grpc.IngestServiceServicer):  # type: ignore[misc]
+class IngestServicer(pb_grpc.IngestServiceServicer):
     """Thin glue between gRPC and ingest's domain, commit queue and feeds."""
 
     def __init__(

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import logging
 import os
 import pathlib
+import random
 import secrets
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
 
+from mt5.market.v1 import market_pb2
+
 from services.common import db
 from services.common.logs import configure_logging
+from services.common.protoconv import timestamp
+from services.ingest.client import TickStreamer
 from services.mesh.config import MeshConfig
 from services.mesh.gateway import GatewaySettings, load_base_config, render_config, write_config
 from services.mesh.supervisor import Child, Supervisor
@@ -114,19 +120,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _synthetic_batches(symbol: str, count: int, batch_size: int) -> Iterator[list[object]]:
+def _synthetic_batches(symbol: str, count: int, batch_size: int) -> Iterator[list[market_pb2.Tick]]:
     """A deterministic random walk of ticks, one per 100 ms, starting now."""
-    import datetime as dt
-    import random
-
-    from mt5.market.v1 import market_pb2
-
-    from services.common.protoconv import timestamp
-
     rng = random.Random(7)
     start = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(milliseconds=100 * count)
     mid = 1.08
-    batch: list[object] = []
+    batch: list[market_pb2.Tick] = []
     for i in range(count):
         mid = max(0.5, mid + rng.gauss(0, 0.00005))
         ts = timestamp(start + dt.timedelta(milliseconds=100 * i))
@@ -142,11 +141,9 @@ def _synthetic_batches(symbol: str, count: int, batch_size: int) -> Iterator[lis
 
 def cmd_send_ticks(args: argparse.Namespace) -> int:
     """Stream synthetic ticks over gRPC with acknowledgements and resumption."""
-    from services.ingest.client import TickStreamer
-
     key, _ = _api_key(args.api_key, pathlib.Path(args.data_dir))
     streamer = TickStreamer(args.target, key, args.source_id)
-    report = asyncio.run(streamer.send(_synthetic_batches(args.symbol, args.count, args.batch_size)))  # type: ignore[arg-type]
+    report = asyncio.run(streamer.send(_synthetic_batches(args.symbol, args.count, args.batch_size)))
     print(
         f"acked {report.batches_acked} batches: {report.ticks_stored} ticks stored, "
         f"{report.ticks_duplicate} duplicates, {report.batches_replayed} replayed, "

@@ -41,7 +41,14 @@ SEED_CURL_TICKS = """curl -X POST "$BASE_URL/ingest/tick" \\
 SEED_CURL_HEALTH = 'curl "$BASE_URL/health"'
 
 # The seed's documented answers.
-SEED_CANDLE_ANSWER = {
+SEED_CANDLE_DETAIL = {
+    "symbol": "EURUSD",
+    "timeframe": "M1",
+    "ts_original": "2025-10-20T03:00:00+00:00",
+    "ts_bucket": "2025-10-20T03:00:00+00:00",
+    "status": "inserted",
+}
+SEED_CANDLE_ANSWER: dict[str, Any] = {
     "ok": True,
     "received": 1,
     "inserted": 1,
@@ -154,7 +161,7 @@ def test_ingest_envelope_single_and_batch_forms_all_store(mesh: Mesh) -> None:
         assert response.json()["ok"] is True
     assert matches_seed(
         single.json(),
-        SEED_CANDLE_ANSWER | {"details": [SEED_CANDLE_ANSWER["details"][0] | {"symbol": "SGL1"}]},
+        SEED_CANDLE_ANSWER | {"details": [SEED_CANDLE_DETAIL | {"symbol": "SGL1"}]},
     )
     assert batch.json()["inserted"] == 2
     assert [mesh.count_candles(s) for s in ("ENV1", "SGL1", "BAT1", "BAT2")] == [1, 1, 1, 1]
@@ -162,7 +169,8 @@ def test_ingest_envelope_single_and_batch_forms_all_store(mesh: Mesh) -> None:
 
 def test_ingest_json_prints_zero_values_and_timeframe_names(mesh: Mesh) -> None:
     body = post(mesh, "/ingest_batch", [candle("ZERO1", timeframe="H4", ts="2025-10-20T07:30:00Z")]).json()
-    assert body["duplicates"] == 0 and body["updated"] == 0
+    assert body["duplicates"] == 0
+    assert body["updated"] == 0
     assert body["details"][0]["timeframe"] == "H4"
     assert body["details"][0]["ts_bucket"] == "2025-10-20T04:00:00Z"
 

@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 import pathlib
 import random
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
@@ -77,7 +77,7 @@ async def test_stream_ticks_client_killed_midstream_resends_and_stores_each_tick
     acked = 0
     async with grpc.aio.insecure_channel(ingest.address) as channel:
 
-        async def first_session() -> None:
+        async def first_session() -> AsyncIterator[pb.StreamTicksRequest]:
             for seq, ticks in enumerate(batches, start=1):
                 yield pb.StreamTicksRequest(source_id="feed-1", sequence=seq, ticks=ticks)
                 await asyncio.sleep(0)
@@ -125,7 +125,7 @@ async def test_stream_ticks_bad_batch_acks_prefix_then_names_field(
     good = make_batches(2, 3)
     bad = [market_pb2.Tick(symbol="EURUSD", ts=timestamp(START), bid=1.1, ask=1.0)]
 
-    async def requests() -> None:
+    async def requests() -> AsyncIterator[pb.StreamTicksRequest]:
         for seq, ticks in enumerate([*good, bad, *make_batches(1, 3, seed=9)], start=1):
             yield pb.StreamTicksRequest(source_id="feed-3", sequence=seq, ticks=ticks)
 
@@ -196,7 +196,8 @@ def test_ingest_database_unreachable_reports_not_serving_and_stays_up(tmp_path: 
             30,
             what="NOT_SERVING",
         )
-        assert service.proc is not None and service.proc.poll() is None
+        assert service.proc is not None
+        assert service.proc.poll() is None
     finally:
         service.kill()
 
