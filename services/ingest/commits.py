@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from services.common.feed import CommitSignal
 from services.common.market import Candle
+from services.ingest import metrics
 from services.ingest.domain import CandleStatus
 from services.ingest.store import IngestStore, TickBatch, TickBatchResult
 
@@ -83,8 +85,10 @@ class CommitQueue:
         group = [j for j in group if not j.future.done()]
         if not group:
             return
+        metrics.GROUP_ROWS.observe(sum(j.size for j in group))
         tick_jobs = [j for j in group if j.ticks is not None]
         candle_jobs = [j for j in group if j.candles is not None]
+        started = time.perf_counter()
         try:
             tick_results, candle_results = await asyncio.to_thread(
                 self._store.commit,
@@ -92,11 +96,13 @@ class CommitQueue:
                 [j.candles for j in candle_jobs if j.candles is not None],
             )
         except Exception as exc:  # any database failure fails the whole group, which stored nothing
+            metrics.COMMIT_FAILURES.inc()
             logger.warning("commit of %d requests failed: %s", len(group), exc)
             for job in group:
                 if not job.future.done():
                     job.future.set_exception(StoreUnavailable(str(exc)))
             return
+        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         for job, result in [
             *zip(tick_jobs, tick_results, strict=True),
             *zip(candle_jobs, candle_results, strict=True),

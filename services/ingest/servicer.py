@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import grpc
@@ -16,7 +16,7 @@ from services.common.errors import abort_invalid
 from services.common.feed import SubscriberSlots, follow
 from services.common.ordered import in_order
 from services.common.validation import ValidationFailed
-from services.ingest import convert, domain
+from services.ingest import convert, domain, metrics
 from services.ingest.commits import CommitQueue, StoreUnavailable
 from services.ingest.config import IngestConfig
 from services.ingest.store import IngestStore, StoredCandleChange, StoredTick, TickBatch
@@ -28,6 +28,11 @@ _R = TypeVar("_R")
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _count(kind: str, statuses: Sequence[str]) -> None:
+    for status in set(statuses):
+        metrics.ITEMS.labels(kind, status).inc(statuses.count(status))
 
 
 class IngestServicer(pb_grpc.IngestServiceServicer):
@@ -50,8 +55,10 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             raw, field = convert.candles_of(request)
             candles = domain.validate_candles(raw, _now(), field)
         except ValidationFailed as exc:
+            metrics.REJECTED.labels("candles").inc()
             await abort_invalid(context, exc.violations)
         statuses = await self._guard(context, self._commits.submit_candles(candles))
+        _count("candles", statuses)
         return convert.candles_response(convert.original_timestamps(request), candles, statuses)
 
     async def IngestTicks(
@@ -61,8 +68,10 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         try:
             ticks = domain.validate_ticks([convert.raw_tick(t) for t in request.ticks], _now())
         except ValidationFailed as exc:
+            metrics.REJECTED.labels("ticks").inc()
             await abort_invalid(context, exc.violations)
         result = await self._guard(context, self._commits.submit_ticks(TickBatch(ticks)))
+        _count("ticks", result.statuses)
         return convert.ticks_response(request.ticks, ticks, result.statuses)
 
     async def StreamTicks(
@@ -78,6 +87,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         async def commit(prepared: tuple[int, TickBatch]) -> pb.StreamTicksResponse:
             sequence, batch = prepared
             result = await self._commits.submit_ticks(batch)
+            _count("ticks", result.statuses)
             stored = result.statuses.count(domain.TickStatus.RECEIVED)
             return pb.StreamTicksResponse(
                 sequence=sequence,
@@ -92,6 +102,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             ):
                 yield ack
         except ValidationFailed as exc:
+            metrics.REJECTED.labels("stream").inc()
             await abort_invalid(context, exc.violations)
         except StoreUnavailable as exc:
             await context.abort(

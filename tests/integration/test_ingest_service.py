@@ -9,11 +9,13 @@ import random
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2
 from mt5.ingest.v1 import ingest_service_pb2 as pb
 from mt5.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from mt5.market.v1 import market_pb2
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from services.common import db
@@ -204,3 +206,28 @@ def test_ingest_database_unreachable_reports_not_serving_and_stays_up(tmp_path: 
 
 def test_ingest_sigterm_stops_cleanly_with_exit_zero(ingest: ServiceProcess) -> None:
     assert ingest.terminate() == 0
+
+
+async def test_ingest_metrics_endpoint_counts_stored_and_duplicate_ticks(tmp_path: pathlib.Path) -> None:
+    port = free_port()
+    service = make_service(
+        "ingest", f"sqlite:///{tmp_path / 'm.db'}", tmp_path, {"INGEST_METRICS_PORT": str(port)}
+    ).start()
+    try:
+        batch = make_batches(1, 5)[0]
+        async with open_channel(service.address, API_KEY) as channel:
+            stub = pb_grpc.IngestServiceStub(channel)
+            await stub.IngestTicks(pb.IngestTicksRequest(ticks=batch))
+            await stub.IngestTicks(pb.IngestTicksRequest(ticks=batch[:2]))
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)).text
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        assert samples[("mt5_ingest_items_total", (("kind", "ticks"), ("status", "received")))] == 5
+        assert samples[("mt5_ingest_items_total", (("kind", "ticks"), ("status", "duplicate")))] == 2
+        assert samples[("mt5_ingest_commit_seconds_count", ())] >= 2
+    finally:
+        service.kill()
