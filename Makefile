@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install gen run test test-unit test-integration test-e2e lint format migrate bench-ingest clean
+.PHONY: install gen proto-deps run test test-unit test-integration test-e2e lint format migrate bench-ingest clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -23,13 +23,17 @@ install: $(STAMP)
 gen: $(STAMP)
 	PYTHON=$(PY) tools/gen.sh
 
+# The googleapis protos buf resolves imports from (git-ignored, copied from an installed package).
+proto-deps: $(STAMP)
+	PYTHON=$(PY) tools/gen.sh --deps-only
+
 migrate: $(STAMP)
 	$(VENV)/bin/mt5mesh migrate
 
 run: $(STAMP)
 	$(VENV)/bin/mt5mesh up
 
-lint: $(STAMP)
+lint: proto-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy services tools tests bench

@@ -42,6 +42,9 @@ async def serve(config: IngestConfig, host: ServiceHost | None = None) -> None:
         writer.append(asyncio.create_task(commits.run(), name="commit-queue"))
 
     async def ready() -> bool:
+        # A dead commit queue would leave every write waiting forever: report it, do not hide it.
+        if not writer or writer[0].done():
+            return False
         return await asyncio.to_thread(db.ping, engine)
 
     async def cleanup() -> None:
