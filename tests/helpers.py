@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import grpc
 import psycopg
@@ -27,6 +28,18 @@ DESCRIPTOR = REPO / "gen" / "mt5mesh.binpb"
 API_KEY = "test-key-" + secrets.token_hex(12)
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 SERVICES = ("ingest", "aggregator", "indicators", "inference")
+# The candle of the seed's documentation and curl examples.
+SEED_CANDLE: dict[str, Any] = {
+    "symbol": "EURUSD",
+    "timeframe": "M1",
+    "ts": "2025-10-20T03:00:00Z",
+    "open": 1.0855,
+    "high": 1.0857,
+    "low": 1.0854,
+    "close": 1.0856,
+    "volume": 150,
+    "spread": 2,
+}
 
 
 def free_port() -> int:

@@ -94,20 +94,26 @@ ingest_source_batches = Table(
     PrimaryKeyConstraint("source_id", "sequence"),
 )
 
+
+def candle_columns() -> list[Column[Any]]:
+    """The columns of a candle version, fresh for each table that holds one."""
+    return [
+        Column("symbol", String(32), nullable=False),
+        Column("timeframe", String(3), nullable=False),
+        Column("ts", UtcDateTime(), nullable=False),
+        *(
+            Column(name, Price, nullable=False)
+            for name in ("open", "high", "low", "close", "volume", "spread")
+        ),
+        Column("revision", Integer(), nullable=False),
+    ]
+
+
 # Candles as the Expert Advisor posted them, keyed by (symbol, timeframe, bucket start).
 ingest_candles = Table(
     "ingest_candles",
     metadata,
-    Column("symbol", String(32), nullable=False),
-    Column("timeframe", String(3), nullable=False),
-    Column("ts", UtcDateTime(), nullable=False),
-    Column("open", Price, nullable=False),
-    Column("high", Price, nullable=False),
-    Column("low", Price, nullable=False),
-    Column("close", Price, nullable=False),
-    Column("volume", Price, nullable=False),
-    Column("spread", Price, nullable=False),
-    Column("revision", Integer(), nullable=False),
+    *candle_columns(),
     Column("updated_at", UtcDateTime(), nullable=False),
     PrimaryKeyConstraint("symbol", "timeframe", "ts"),
 )
@@ -117,14 +123,5 @@ ingest_candle_log = Table(
     "ingest_candle_log",
     metadata,
     Column("id", Cursor, primary_key=True, autoincrement=True),
-    Column("symbol", String(32), nullable=False),
-    Column("timeframe", String(3), nullable=False),
-    Column("ts", UtcDateTime(), nullable=False),
-    Column("open", Price, nullable=False),
-    Column("high", Price, nullable=False),
-    Column("low", Price, nullable=False),
-    Column("close", Price, nullable=False),
-    Column("volume", Price, nullable=False),
-    Column("spread", Price, nullable=False),
-    Column("revision", Integer(), nullable=False),
+    *candle_columns(),
 )

@@ -23,6 +23,9 @@ from services.common.channels import api_key_metadata
 
 logger = logging.getLogger(__name__)
 
+# Codes after which re-sending is safe (the server deduplicates) and may succeed. INTERNAL is in:
+# grpc.aio reports a send on a connection that broke mid-stream (server killed) as INTERNAL
+# "Failed execute_batch"; reconnects are bounded, so a server bug still surfaces.
 RETRYABLE = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -30,6 +33,7 @@ RETRYABLE = frozenset(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.ABORTED,
         grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.INTERNAL,
     }
 )
 

