@@ -1,0 +1,536 @@
+"""The aggregation core: ticks and EA candles in, bars of every timeframe out. Pure and deterministic.
+
+Ticks of a symbol build M1 bars: OHLC of the mid price ``(bid + ask) / 2``; ``spread`` the mean of
+``ask - bid``; ``volume`` the sum of the ticks' volumes, where a tick without a volume counts 1
+(so a feed without volumes gets the seed's tick count). Each higher timeframe is rolled up from
+the next lower one (M1→M5→M15→M30→H1→H4→D1, D1→W1 and D1→MN1) with exact OHLC rules — first
+open, highest high, lowest low, last close, summed volume, spread as a tick-weighted mean — never
+by averaging values across timeframes.
+
+Lifecycle. A bar is *forming* until the symbol's horizon passes its end, then *final*. The horizon
+is the later of the latest tick time minus the allowed lateness and the wall clock minus a grace
+period (quiet markets). A tick arriving after its bar is final, within the retention window, revises
+the bar (``revision`` + 1) and every final bar above it; an older one is counted and dropped.
+
+EA candles (the broker's bars) take precedence over computed bars of the same key, are final as
+posted, and roll up like any other bar; a changed re-post is a revision. When an EA bar and the bar
+computed from ticks disagree, the bar says so (``ea_disagrees``).
+
+Outputs are deterministic: whatever the split of the same ticks into batches, the same final bars
+come out with the same revisions, because lateness is judged against the horizon at each tick's
+own arrival. Times are integer microseconds since the epoch inside; datetimes at the edges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+from collections.abc import Iterable
+
+import numpy as np
+import numpy.typing as npt
+
+from services.common.market import Candle, Timeframe, bucket_start
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_US = 1_000_000
+M1_US = 60 * _US
+
+# Each timeframe is built from the one before it in the chain.
+SOURCE_OF: dict[Timeframe, Timeframe] = {
+    Timeframe.M5: Timeframe.M1,
+    Timeframe.M15: Timeframe.M5,
+    Timeframe.M30: Timeframe.M15,
+    Timeframe.H1: Timeframe.M30,
+    Timeframe.H4: Timeframe.H1,
+    Timeframe.D1: Timeframe.H4,
+    Timeframe.W1: Timeframe.D1,
+    Timeframe.MN1: Timeframe.D1,
+}
+PARENTS_OF: dict[Timeframe, tuple[Timeframe, ...]] = {}
+for _child_tf in Timeframe:
+    PARENTS_OF[_child_tf] = tuple(p for p, c in SOURCE_OF.items() if c is _child_tf)
+ORDER = tuple(Timeframe)  # M1 first: children are always settled before their parents
+
+
+class BarSource(enum.Enum):
+    """Where a bar's values come from; values equal ``mt5.market.v1.CandleSource`` numbers."""
+
+    EA = 1
+    TICKS = 2
+    ROLLUP = 3
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AggregationSettings:
+    """How long to wait for late ticks, for a quiet market, and how long bars stay revisable."""
+
+    lateness: dt.timedelta = dt.timedelta(seconds=2)
+    grace: dt.timedelta = dt.timedelta(seconds=5)
+    retention: dt.timedelta = dt.timedelta(hours=1)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Bar:
+    """One published version of a bar."""
+
+    symbol: str
+    timeframe: Timeframe
+    ts: dt.datetime
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+    spread: float
+    tick_count: int
+    source: BarSource
+    revision: int
+    final: bool
+    ea_disagrees: bool = False
+
+    @property
+    def key(self) -> tuple[str, Timeframe, dt.datetime]:
+        """Natural key: one bar per symbol, timeframe and bucket start."""
+        return (self.symbol, self.timeframe, self.ts)
+
+
+@dataclasses.dataclass(slots=True)
+class Values:
+    """A mergeable OHLC accumulator; first/last times order opens and closes."""
+
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+    spread_sum: float
+    weight: int  # ticks behind spread_sum (an EA bar weighs 1)
+    ticks: int
+    first_us: int
+    last_us: int
+
+    def merge(self, other: Values) -> None:
+        """Add ``other``, which arrived after ``self`` (ties in time keep the earlier open)."""
+        if other.first_us < self.first_us:
+            self.open, self.first_us = other.open, other.first_us
+        if other.last_us >= self.last_us:
+            self.close, self.last_us = other.close, other.last_us
+        self.high = max(self.high, other.high)
+        self.low = min(self.low, other.low)
+        self.volume += other.volume
+        self.spread_sum += other.spread_sum
+        self.weight += other.weight
+        self.ticks += other.ticks
+
+    def copy(self) -> Values:
+        """An independent copy."""
+        return dataclasses.replace(self)
+
+    @property
+    def prices(self) -> tuple[float, float, float, float, float, float]:
+        """What a subscriber sees: OHLC, volume and mean spread."""
+        return (self.open, self.high, self.low, self.close, self.volume, self.spread_sum / self.weight)
+
+
+@dataclasses.dataclass(slots=True)
+class Slot:
+    """One bar of one timeframe: its computed values, an EA override, and its lifecycle."""
+
+    ts_us: int
+    end_us: int
+    computed: Values | None = None
+    ea: Values | None = None
+    children: dict[int, Values] | None = None  # higher timeframes: effective values of each child
+    revision: int = 0
+    final: bool = False
+    published: tuple[tuple[float, ...], bool] | None = None  # what subscribers last saw
+    published_final: bool = False
+
+    @property
+    def effective(self) -> Values | None:
+        """The EA bar when there is one, else the computed bar."""
+        return self.ea if self.ea is not None else self.computed
+
+    @property
+    def disagrees(self) -> bool:
+        """An EA bar overrides a different computed bar."""
+        return (
+            self.ea is not None
+            and self.computed is not None
+            and self.ea.prices[:4] != self.computed.prices[:4]
+        )
+
+
+@dataclasses.dataclass(slots=True)
+class Emitted:
+    """What one input produced: final or revised bars, and bars still forming that changed."""
+
+    final: list[Bar] = dataclasses.field(default_factory=list)
+    forming: list[Bar] = dataclasses.field(default_factory=list)
+
+    def extend(self, other: Emitted) -> None:
+        """Append another input's output."""
+        self.final.extend(other.final)
+        self.forming.extend(other.forming)
+
+
+def to_us(ts: dt.datetime) -> int:
+    """An aware datetime as integer microseconds since the epoch."""
+    return (ts - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+def from_us(us: int) -> dt.datetime:
+    """Integer microseconds since the epoch as an aware UTC datetime."""
+    return _EPOCH + dt.timedelta(microseconds=us)
+
+
+def bucket_bounds(ts_us: int, timeframe: Timeframe) -> tuple[int, int]:
+    """Start and end (exclusive) of the bucket containing ``ts_us``."""
+    if timeframe is Timeframe.M1:
+        start = ts_us - ts_us % M1_US
+        return start, start + M1_US
+    start_dt = bucket_start(from_us(ts_us), timeframe)
+    if timeframe is Timeframe.MN1:
+        end_dt = start_dt.replace(year=start_dt.year + start_dt.month // 12, month=start_dt.month % 12 + 1)
+    elif timeframe is Timeframe.W1:
+        end_dt = start_dt + dt.timedelta(days=7)
+    else:
+        end_dt = start_dt + dt.timedelta(minutes=_MINUTES[timeframe])
+    return to_us(start_dt), to_us(end_dt)
+
+
+_MINUTES = {
+    Timeframe.M5: 5,
+    Timeframe.M15: 15,
+    Timeframe.M30: 30,
+    Timeframe.H1: 60,
+    Timeframe.H4: 240,
+    Timeframe.D1: 1440,
+}
+
+
+class SymbolBars:
+    """Every live bar of one symbol, across timeframes."""
+
+    def __init__(self, symbol: str, settings: AggregationSettings) -> None:
+        self.symbol = symbol
+        self._lateness = settings.lateness // dt.timedelta(microseconds=1)
+        self._grace = settings.grace // dt.timedelta(microseconds=1)
+        self._retention = settings.retention // dt.timedelta(microseconds=1)
+        self.slots: dict[Timeframe, dict[int, Slot]] = {tf: {} for tf in Timeframe}
+        self.latest_tick_us: int | None = None
+        self.clock_us: int | None = None
+        self.late_dropped = 0
+        self.last_cursor = 0  # the highest input cursor applied
+
+    # --- horizon --------------------------------------------------------------------------------
+
+    @property
+    def horizon_us(self) -> int | None:
+        """Bars ending at or before this are final."""
+        candidates = []
+        if self.latest_tick_us is not None:
+            candidates.append(self.latest_tick_us - self._lateness)
+        if self.clock_us is not None:
+            candidates.append(self.clock_us - self._grace)
+        return max(candidates) if candidates else None
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def add_ticks(
+        self,
+        ts_us: npt.NDArray[np.int64],
+        bid: npt.NDArray[np.float64],
+        ask: npt.NDArray[np.float64],
+        volume: npt.NDArray[np.float64],
+    ) -> Emitted:
+        """Apply ticks in arrival order (vectorized for the on-time ones)."""
+        if len(ts_us) == 0:
+            return Emitted()
+        mid = (bid + ask) / 2
+        spread = ask - bid
+        contribution = np.where(volume > 0, volume, 1.0)
+        bucket = ts_us - ts_us % M1_US
+        # Lateness is judged against the horizon when each tick arrives: its predecessors' max.
+        running = np.maximum.accumulate(ts_us)
+        before = np.empty_like(running)
+        # Far in the past, but far enough from int64's minimum that subtracting the lateness cannot wrap.
+        before[0] = self.latest_tick_us if self.latest_tick_us is not None else -(2**62)
+        before[1:] = np.maximum(running[:-1], before[0])
+        horizon = before - self._lateness
+        if self.clock_us is not None:
+            horizon = np.maximum(horizon, self.clock_us - self._grace)
+        late = bucket + M1_US <= horizon
+        dirty: set[tuple[Timeframe, int]] = set()
+        on_time = np.flatnonzero(~late)
+        if len(on_time):
+            self._merge_on_time(on_time, ts_us, bucket, mid, spread, contribution, dirty)
+        self.latest_tick_us = (
+            int(running[-1]) if self.latest_tick_us is None else max(self.latest_tick_us, int(running[-1]))
+        )
+        out = self._settle(dirty)
+        for i in np.flatnonzero(late):
+            out.extend(
+                self._late_tick(
+                    int(ts_us[i]),
+                    int(bucket[i]),
+                    float(mid[i]),
+                    float(spread[i]),
+                    float(contribution[i]),
+                    int(horizon[i]),
+                )
+            )
+        self._prune()
+        return out
+
+    def add_ea_candle(self, candle: Candle) -> Emitted:
+        """An EA bar: final as posted, taking precedence over the computed bar of its key."""
+        start, end = bucket_bounds(to_us(candle.ts), candle.timeframe)
+        slot = self._slot(candle.timeframe, start, end)
+        slot.ea = Values(
+            candle.open,
+            candle.high,
+            candle.low,
+            candle.close,
+            candle.volume,
+            candle.spread,
+            1,
+            0,
+            start,
+            end - 1,
+        )
+        slot.final = True
+        return self._settle({(candle.timeframe, start)})
+
+    def advance_clock(self, now_us: int) -> Emitted:
+        """The wall clock: bars of a quiet market become final after their end plus the grace."""
+        self.clock_us = now_us if self.clock_us is None else max(self.clock_us, now_us)
+        out = self._settle(set())
+        self._prune()
+        return out
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _merge_on_time(
+        self,
+        idx: npt.NDArray[np.intp],
+        ts_us: npt.NDArray[np.int64],
+        bucket: npt.NDArray[np.int64],
+        mid: npt.NDArray[np.float64],
+        spread: npt.NDArray[np.float64],
+        contribution: npt.NDArray[np.float64],
+        dirty: set[tuple[Timeframe, int]],
+    ) -> None:
+        # Sort by bucket, then time, then arrival: the first of a bucket opens it, the last closes it.
+        order = idx[np.lexsort((idx, ts_us[idx], bucket[idx]))]
+        b = bucket[order]
+        starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+        ends = np.r_[starts[1:], len(order)]
+        m = mid[order]
+        highs = np.maximum.reduceat(m, starts)
+        lows = np.minimum.reduceat(m, starts)
+        volumes = np.add.reduceat(contribution[order], starts)
+        spreads = np.add.reduceat(spread[order], starts)
+        t = ts_us[order]
+        m1 = self.slots[Timeframe.M1]
+        for k, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+            start = int(b[s])
+            part = Values(
+                float(m[s]),
+                float(highs[k]),
+                float(lows[k]),
+                float(m[e - 1]),
+                float(volumes[k]),
+                float(spreads[k]),
+                e - s,
+                e - s,
+                int(t[s]),
+                int(t[e - 1]),
+            )
+            slot = m1.get(start) or self._slot(Timeframe.M1, start, start + M1_US)
+            if slot.computed is None:
+                slot.computed = part
+            else:
+                slot.computed.merge(part)
+            dirty.add((Timeframe.M1, start))
+
+    def _late_tick(
+        self, ts_us: int, bucket: int, mid: float, spread: float, contribution: float, horizon: int
+    ) -> Emitted:
+        if bucket + M1_US < horizon - self._retention:
+            self.late_dropped += 1
+            return Emitted()
+        slot = self.slots[Timeframe.M1].get(bucket) or self._slot(Timeframe.M1, bucket, bucket + M1_US)
+        part = Values(mid, mid, mid, mid, contribution, spread, 1, 1, ts_us, ts_us)
+        if slot.computed is None:
+            slot.computed = part
+        else:
+            slot.computed.merge(part)
+        return self._settle({(Timeframe.M1, bucket)})
+
+    def _slot(self, timeframe: Timeframe, start: int, end: int) -> Slot:
+        slot = self.slots[timeframe].get(start)
+        if slot is None:
+            slot = Slot(start, end, children={} if timeframe is not Timeframe.M1 else None)
+            self.slots[timeframe][start] = slot
+        return slot
+
+    def _settle(self, dirty: set[tuple[Timeframe, int]]) -> Emitted:
+        """Roll changes up, finalize what the horizon passed, and publish what changed."""
+        horizon = self.horizon_us
+        out = Emitted()
+        for tf in ORDER:
+            changed = sorted(start for t, start in dirty if t is tf)
+            for start in changed:
+                slot = self.slots[tf][start]
+                effective = slot.effective
+                if effective is None:
+                    continue
+                for parent_tf in PARENTS_OF[tf]:
+                    p_start, p_end = bucket_bounds(start, parent_tf)
+                    parent = self._slot(parent_tf, p_start, p_end)
+                    assert parent.children is not None
+                    parent.children[start] = effective.copy()
+                    parent.computed = _roll_up(parent.children)
+                    dirty.add((parent_tf, p_start))
+            # Finalize by the horizon: every bar of this timeframe that ended.
+            if horizon is not None:
+                for start, slot in self.slots[tf].items():
+                    if not slot.final and slot.end_us <= horizon and slot.effective is not None:
+                        slot.final = True
+                        dirty.add((tf, start))
+            for start in sorted(s for t, s in dirty if t is tf):
+                bar = self._publish(tf, self.slots[tf][start])
+                if bar is not None:
+                    (out.final if bar.final else out.forming).append(bar)
+        return out
+
+    def _publish(self, tf: Timeframe, slot: Slot) -> Bar | None:
+        """The bar to publish when what subscribers see changed, else None."""
+        effective = slot.effective
+        if effective is None:
+            return None
+        state = (effective.prices, slot.disagrees)
+        if slot.final and slot.published_final:
+            if slot.published == state:
+                return None
+            slot.revision += 1  # a final bar changed: a late tick, or an EA re-post
+        elif not slot.final and slot.published == state:
+            return None
+        slot.published, slot.published_final = state, slot.final
+        return self._bar(tf, slot)
+
+    def _bar(self, tf: Timeframe, slot: Slot) -> Bar:
+        effective = slot.effective
+        assert effective is not None
+        if slot.ea is not None:
+            source = BarSource.EA
+        else:
+            source = BarSource.TICKS if tf is Timeframe.M1 else BarSource.ROLLUP
+        o, h, low, c, v, s = effective.prices
+        ticks = slot.computed.ticks if slot.computed is not None else 0
+        return Bar(
+            self.symbol,
+            tf,
+            from_us(slot.ts_us),
+            o,
+            h,
+            low,
+            c,
+            v,
+            s,
+            ticks,
+            source,
+            slot.revision,
+            slot.final,
+            slot.disagrees,
+        )
+
+    def forming(self) -> list[Bar]:
+        """The bars still forming, lowest timeframe first."""
+        return [
+            self._bar(tf, slot)
+            for tf in ORDER
+            for _, slot in sorted(self.slots[tf].items())
+            if not slot.final and slot.effective is not None
+        ]
+
+    def _prune(self) -> None:
+        horizon = self.horizon_us
+        if horizon is None:
+            return
+        oldest = horizon - self._retention
+        for tf in Timeframe:
+            slots = self.slots[tf]
+            for start in [s for s, slot in slots.items() if slot.final and slot.end_us < oldest]:
+                del slots[start]
+
+
+def _roll_up(children: dict[int, Values]) -> Values:
+    """Exact OHLC roll-up of child bars, in time order."""
+    ordered = [children[k] for k in sorted(children)]
+    total = ordered[0].copy()
+    for child in ordered[1:]:
+        total.merge(child)
+    return total
+
+
+class Aggregator:
+    """Bars of every symbol."""
+
+    def __init__(self, settings: AggregationSettings | None = None) -> None:
+        self.settings = settings or AggregationSettings()
+        self.symbols: dict[str, SymbolBars] = {}
+
+    def _of(self, symbol: str) -> SymbolBars:
+        bars = self.symbols.get(symbol)
+        if bars is None:
+            bars = self.symbols[symbol] = SymbolBars(symbol, self.settings)
+        return bars
+
+    def add_ticks(
+        self,
+        symbol: str,
+        ts_us: npt.NDArray[np.int64],
+        bid: npt.NDArray[np.float64],
+        ask: npt.NDArray[np.float64],
+        volume: npt.NDArray[np.float64] | None = None,
+        cursors: npt.NDArray[np.int64] | None = None,
+    ) -> Emitted:
+        """Ticks of one symbol, in arrival order.
+
+        With ``cursors`` (the feed's, increasing), ticks at or below the last applied cursor are
+        skipped: a batch delivered again after a reconnect changes nothing.
+        """
+        bars = self._of(symbol)
+        vol = np.zeros(len(ts_us)) if volume is None else volume
+        if cursors is not None and len(cursors):
+            keep = cursors > bars.last_cursor
+            if not keep.all():
+                ts_us, bid, ask, vol = ts_us[keep], bid[keep], ask[keep], vol[keep]
+            bars.last_cursor = max(bars.last_cursor, int(cursors[-1]))
+        return bars.add_ticks(ts_us, bid, ask, vol)
+
+    def add_ea_candle(self, candle: Candle) -> Emitted:
+        """One EA candle."""
+        return self._of(candle.symbol).add_ea_candle(candle)
+
+    def advance_clock(self, now: dt.datetime) -> Emitted:
+        """The wall clock moved on."""
+        out = Emitted()
+        now_us = to_us(now)
+        for symbol in sorted(self.symbols):
+            out.extend(self.symbols[symbol].advance_clock(now_us))
+        return out
+
+    @property
+    def late_dropped(self) -> int:
+        """Ticks too late to apply (older than the retention window), over all symbols."""
+        return sum(s.late_dropped for s in self.symbols.values())
+
+    def forming(self, symbols: Iterable[str] | None = None) -> list[Bar]:
+        """The bars still forming, for a subscriber that asks for them."""
+        names = sorted(self.symbols) if symbols is None else sorted(set(symbols) & set(self.symbols))
+        return [bar for name in names for bar in self.symbols[name].forming()]

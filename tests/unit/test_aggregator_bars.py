@@ -1,0 +1,239 @@
+"""The aggregation core against an independent pandas reference, and its properties."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import itertools
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.aggregator.bars import AggregationSettings, Aggregator, Bar, BarSource, to_us
+from services.common.market import Candle, Timeframe
+
+START = dt.datetime(2025, 10, 30, 22, 0, tzinfo=dt.UTC)  # crosses a day, a week start and a month end
+RULES = {
+    Timeframe.M1: "1min",
+    Timeframe.M5: "5min",
+    Timeframe.M15: "15min",
+    Timeframe.M30: "30min",
+    Timeframe.H1: "1h",
+    Timeframe.H4: "4h",
+    Timeframe.D1: "1D",
+    Timeframe.W1: "W-MON",
+    Timeframe.MN1: "MS",
+}
+FAR_FUTURE = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+
+
+@dataclasses.dataclass
+class Ticks:
+    ts: npt.NDArray[np.int64]
+    bid: npt.NDArray[np.float64]
+    ask: npt.NDArray[np.float64]
+    volume: npt.NDArray[np.float64]
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def take(self, index: npt.NDArray[np.intp] | slice) -> Ticks:
+        return Ticks(self.ts[index], self.bid[index], self.ask[index], self.volume[index])
+
+
+def make_ticks(n: int, seed: int, *, span_hours: float = 80.0, with_volume: bool = False) -> Ticks:
+    rng = np.random.default_rng(seed)
+    offsets = np.sort(rng.integers(0, int(span_hours * 3600e6), n))
+    # Distinct times: ties would make "first"/"last" depend on arrival order in any method.
+    offsets = offsets + np.arange(n)
+    mid = 1.08 + np.cumsum(rng.normal(0, 1e-5, n))
+    spread = rng.integers(1, 30, n).astype(np.float64) * 1e-5
+    bid: npt.NDArray[np.float64] = np.round(mid - spread / 2, 6)
+    ask: npt.NDArray[np.float64] = np.round(bid + spread, 6)
+    volume = rng.integers(0, 5, n).astype(np.float64) if with_volume else np.zeros(n)
+    return Ticks(to_us(START) + offsets.astype(np.int64), bid, ask, volume)
+
+
+def final_bars(
+    agg: Aggregator, symbol: str, ticks: Ticks, batches: list[slice] | None = None
+) -> dict[tuple[Timeframe, dt.datetime], Bar]:
+    """Feed ticks (in batches), let the clock pass everything, keep the last version of each bar."""
+    out: dict[tuple[Timeframe, dt.datetime], Bar] = {}
+    emitted: list[Bar] = []
+    for part in batches or [slice(None)]:
+        t = ticks.take(part)
+        emitted += agg.add_ticks(symbol, t.ts, t.bid, t.ask, t.volume).final
+    emitted += agg.advance_clock(FAR_FUTURE).final
+    for bar in emitted:
+        out[(bar.timeframe, bar.ts)] = bar
+    return out
+
+
+def reference(ticks: Ticks) -> dict[tuple[Timeframe, dt.datetime], tuple[float, ...]]:
+    """pandas resample of the ticks themselves, for every timeframe."""
+    frame = pd.DataFrame(
+        {
+            "mid": (ticks.bid + ticks.ask) / 2,
+            "spread": ticks.ask - ticks.bid,
+            "volume": np.where(ticks.volume > 0, ticks.volume, 1.0),
+        },
+        index=pd.to_datetime(ticks.ts, unit="us", utc=True),
+    ).sort_index(kind="stable")
+    result = {}
+    for tf, rule in RULES.items():
+        agg = (
+            frame.resample(rule, label="left", closed="left")
+            .agg({"mid": ["first", "max", "min", "last"], "volume": "sum", "spread": "mean"})
+            .dropna()
+        )
+        for ts, row in zip(agg.index, agg.to_numpy(), strict=True):
+            result[(tf, ts.to_pydatetime())] = tuple(float(x) for x in row)
+    return result
+
+
+def assert_matches_reference(
+    bars: dict[tuple[Timeframe, dt.datetime], Bar],
+    ref: dict[tuple[Timeframe, dt.datetime], tuple[float, ...]],
+) -> None:
+    assert set(bars) == set(ref)
+    for key, bar in bars.items():
+        o, h, low, c, v, s = ref[key]
+        assert (bar.open, bar.high, bar.low, bar.close) == (o, h, low, c), key
+        assert bar.volume == pytest.approx(v, rel=1e-12), key
+        # Mean spread: the same ticks summed in another order (per child bar first) -> 1e-12 relative.
+        assert bar.spread == pytest.approx(s, rel=1e-12), key
+
+
+@pytest.mark.parametrize("with_volume", [False, True])
+def test_aggregator_every_timeframe_matches_pandas_resample(with_volume: bool) -> None:
+    ticks = make_ticks(30_000, seed=1, with_volume=with_volume)
+    bars = final_bars(Aggregator(), "EURUSD", ticks)
+    assert_matches_reference(bars, reference(ticks))
+    assert {bar.source for key, bar in bars.items() if key[0] is Timeframe.M1} == {BarSource.TICKS}
+    assert {bar.source for key, bar in bars.items() if key[0] is not Timeframe.M1} == {BarSource.ROLLUP}
+    assert all(bar.revision == 0 and bar.final for bar in bars.values())
+
+
+def test_aggregator_bucket_boundaries_week_and_month_start_correctly() -> None:
+    bars = final_bars(Aggregator(), "EURUSD", make_ticks(5_000, seed=2, span_hours=200))
+    weeks = sorted(ts for tf, ts in bars if tf is Timeframe.W1)
+    months = sorted(ts for tf, ts in bars if tf is Timeframe.MN1)
+    assert all(ts.weekday() == 0 and ts.hour == 0 for ts in weeks)
+    assert months == [dt.datetime(2025, 10, 1, tzinfo=dt.UTC), dt.datetime(2025, 11, 1, tzinfo=dt.UTC)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=3_999), max_size=12, unique=True), st.integers(0, 10_000))
+def test_aggregator_any_split_into_batches_gives_same_bars(cuts: list[int], seed: int) -> None:
+    ticks = make_ticks(4_000, seed=seed, span_hours=30)
+    edges = [0, *sorted(cuts), len(ticks)]
+    batches = [slice(a, b) for a, b in itertools.pairwise(edges)]
+    assert final_bars(Aggregator(), "X", ticks, batches) == final_bars(Aggregator(), "X", ticks)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 50))
+def test_aggregator_redelivered_batch_is_ignored(seed: int, size: int) -> None:
+    ticks = make_ticks(2_000, seed=seed, span_hours=5)
+    cursors = np.arange(1, len(ticks) + 1, dtype=np.int64)
+    once, twice = Aggregator(), Aggregator()
+    for a in range(0, len(ticks), size):
+        part = slice(a, a + size)
+        once.add_ticks("X", ticks.ts[part], ticks.bid[part], ticks.ask[part], cursors=cursors[part])
+        for _ in range(2):  # the same cursors again, as after a reconnect
+            twice.add_ticks("X", ticks.ts[part], ticks.bid[part], ticks.ask[part], cursors=cursors[part])
+    assert once.advance_clock(FAR_FUTURE) == twice.advance_clock(FAR_FUTURE)
+    assert once.symbols["X"].forming() == twice.symbols["X"].forming()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(0, 10_000))
+def test_aggregator_shuffle_within_lateness_gives_same_final_bars(seed: int, shuffle_seed: int) -> None:
+    ticks = make_ticks(3_000, seed=seed, span_hours=3)
+    lateness_us = AggregationSettings().lateness // dt.timedelta(microseconds=1)
+    # Swap neighbours whose times are within the lateness: no tick ever arrives late.
+    coin = np.random.default_rng(shuffle_seed).random(len(ticks))
+    order = list(range(len(ticks)))
+    for i in range(len(order) - 1):
+        a, b = order[i], order[i + 1]
+        if ticks.ts[b] - ticks.ts[a] < lateness_us and coin[i] < 0.5:
+            order[i], order[i + 1] = b, a
+    shuffled = ticks.take(np.array(order))
+    got = final_bars(Aggregator(), "X", shuffled)
+    assert got == final_bars(Aggregator(), "X", ticks)
+    assert all(bar.revision == 0 for bar in got.values())
+
+
+def test_aggregator_late_tick_revises_bar_and_final_parents_once() -> None:
+    agg = Aggregator()
+    base = to_us(dt.datetime(2025, 10, 20, 3, 0, tzinfo=dt.UTC))
+    ts = np.array([base + 10 * 1_000_000, base + 70 * 1_000_000, base + 400 * 1_000_000], dtype=np.int64)
+    agg.add_ticks("X", ts, np.array([1.0, 1.1, 1.2]), np.array([1.0002, 1.1002, 1.2002]))
+    # 03:06:40 has passed 03:01 + 2 s lateness: the 03:00 M1 bar is final; M5 03:00 is final too.
+    late = agg.add_ticks("X", np.array([base + 20 * 1_000_000]), np.array([1.5]), np.array([1.5002]))
+    revised = {(b.timeframe, b.ts): b for b in late.final}
+    m1 = revised[(Timeframe.M1, dt.datetime(2025, 10, 20, 3, 0, tzinfo=dt.UTC))]
+    m5 = revised[(Timeframe.M5, dt.datetime(2025, 10, 20, 3, 0, tzinfo=dt.UTC))]
+    assert (m1.revision, m1.high, m1.close, m1.tick_count) == (1, 1.5001, 1.5001, 2)
+    assert (m5.revision, m5.high) == (1, 1.5001)
+    assert len(late.final) == 2  # M15 and above are still forming: updated, not revised
+    assert all(not b.final for b in late.forming)
+
+
+def test_aggregator_tick_older_than_retention_is_counted_and_dropped() -> None:
+    agg = Aggregator()
+    base = to_us(dt.datetime(2025, 10, 20, 3, 0, tzinfo=dt.UTC))
+    agg.add_ticks(
+        "X", np.array([base, base + 2 * 3600 * 1_000_000]), np.array([1.0, 1.0]), np.array([1.1, 1.1])
+    )
+    out = agg.add_ticks("X", np.array([base + 1_000_000]), np.array([2.0]), np.array([2.1]))
+    assert out.final == []
+    assert agg.late_dropped == 1
+
+
+def test_aggregator_quiet_market_finalizes_after_grace() -> None:
+    agg = Aggregator()
+    minute = dt.datetime(2025, 10, 20, 3, 0, tzinfo=dt.UTC)
+    agg.add_ticks("X", np.array([to_us(minute) + 5_000_000]), np.array([1.0]), np.array([1.1]))
+    assert agg.advance_clock(minute + dt.timedelta(seconds=64)).final == []
+    done = agg.advance_clock(minute + dt.timedelta(seconds=65)).final
+    assert [(b.timeframe, b.final) for b in done] == [(Timeframe.M1, True)]
+
+
+def ea(
+    close: float, tf: Timeframe = Timeframe.M1, ts: dt.datetime = dt.datetime(2025, 10, 20, 3, tzinfo=dt.UTC)
+) -> Candle:
+    return Candle("X", tf, ts, 1.0, max(1.2, close), 0.9, close, 100, 2)
+
+
+def test_aggregator_ea_candle_takes_precedence_and_flags_disagreement() -> None:
+    agg = Aggregator()
+    minute = dt.datetime(2025, 10, 20, 3, 0, tzinfo=dt.UTC)
+    agg.add_ticks("X", np.array([to_us(minute) + 1_000_000]), np.array([1.0]), np.array([1.0002]))
+    out = agg.add_ea_candle(ea(1.1))
+    (m1,) = [b for b in out.final if b.timeframe is Timeframe.M1]
+    assert (m1.source, m1.close, m1.final, m1.revision, m1.ea_disagrees) == (BarSource.EA, 1.1, True, 0, True)
+    m5 = next(b for b in out.forming if b.timeframe is Timeframe.M5)
+    assert m5.close == 1.1  # the EA bar rolls up
+    repost = agg.add_ea_candle(ea(1.15)).final
+    assert [(b.timeframe, b.revision, b.close) for b in repost] == [(Timeframe.M1, 1, 1.15)]
+    assert agg.add_ea_candle(ea(1.15)).final == []  # an identical re-post changes nothing
+
+
+def test_aggregator_ea_history_of_higher_timeframe_rolls_up() -> None:
+    agg = Aggregator()
+    day = dt.datetime(2025, 10, 20, tzinfo=dt.UTC)
+    for h in range(24):
+        agg.add_ea_candle(
+            Candle(
+                "X", Timeframe.H1, day + dt.timedelta(hours=h), 1.0 + h / 100, 1.5, 0.5, 1.01 + h / 100, 10, 2
+            )
+        )
+    bars = {(b.timeframe, b.ts): b for b in agg.advance_clock(FAR_FUTURE).final}
+    d1 = bars[(Timeframe.D1, day)]
+    assert (d1.open, d1.close, d1.volume, d1.source) == (1.0, 1.24, 240, BarSource.ROLLUP)
+    assert bars[(Timeframe.H4, day + dt.timedelta(hours=4))].open == 1.04
