@@ -89,6 +89,9 @@ class Bar:
     revision: int
     final: bool
     ea_disagrees: bool = False
+    # The accumulator behind the values (spread sum, tick weight, first and last tick times), so a
+    # stored bar can be restored exactly after a restart. Not part of what subscribers compare.
+    state: Values | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> tuple[str, Timeframe, dt.datetime]:
@@ -446,7 +449,36 @@ class SymbolBars:
             slot.revision,
             slot.final,
             slot.disagrees,
+            effective.copy(),
         )
+
+    def restore(self, bars: Iterable[Bar], latest_tick_us: int | None, last_cursor: int) -> None:
+        """Rebuild the live bars from their stored versions (after a restart).
+
+        ``bars`` must hold, for every restored bar of a higher timeframe, all its stored children.
+        """
+        for bar in sorted(bars, key=lambda b: (ORDER.index(b.timeframe), b.ts)):
+            assert bar.state is not None, "a stored bar carries its accumulator"
+            start, end = bucket_bounds(to_us(bar.ts), bar.timeframe)
+            slot = self._slot(bar.timeframe, start, end)
+            values = bar.state.copy()
+            if bar.source is BarSource.EA:
+                slot.ea = values
+            else:
+                slot.computed = values
+            slot.revision, slot.final = bar.revision, bar.final
+            slot.published, slot.published_final = (values.prices, bar.ea_disagrees), bar.final
+        for tf in ORDER[1:]:
+            children = self.slots[SOURCE_OF[tf]]
+            for start, slot in self.slots[tf].items():
+                slot.children = {
+                    c: child.effective.copy()
+                    for c, child in children.items()
+                    if start <= c < slot.end_us and child.effective is not None
+                }
+        self.latest_tick_us = latest_tick_us
+        self.last_cursor = last_cursor
+        self._prune()
 
     def forming(self) -> list[Bar]:
         """The bars still forming, lowest timeframe first."""
@@ -524,6 +556,10 @@ class Aggregator:
         for symbol in sorted(self.symbols):
             out.extend(self.symbols[symbol].advance_clock(now_us))
         return out
+
+    def restore(self, symbol: str, bars: Iterable[Bar], latest_tick_us: int | None, last_cursor: int) -> None:
+        """Rebuild one symbol's live bars from stored versions (see ``SymbolBars.restore``)."""
+        self._of(symbol).restore(bars, latest_tick_us, last_cursor)
 
     @property
     def late_dropped(self) -> int:

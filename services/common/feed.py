@@ -49,14 +49,14 @@ async def follow(
     *,
     page_size: int = 1000,
     poll_seconds: float = 1.0,
-) -> AsyncIterator[T]:
-    """Yield every item after ``cursor`` in cursor order, forever."""
+) -> AsyncIterator[Sequence[T]]:
+    """Yield every item after ``cursor`` in cursor order, forever, a page at a time."""
     while True:
         waiter = signal.waiter()
         items = await read_after(cursor, page_size)
-        for item in items:
-            yield item
-            cursor = item.cursor
+        if items:
+            yield items
+            cursor = items[-1].cursor
         if len(items) < page_size:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter.wait(), poll_seconds)

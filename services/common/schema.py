@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Dialect,
@@ -124,4 +125,56 @@ ingest_candle_log = Table(
     metadata,
     Column("id", Cursor, primary_key=True, autoincrement=True),
     *candle_columns(),
+)
+
+# --- aggregator ------------------------------------------------------------------------------
+
+
+def bar_columns() -> list[Column[Any]]:
+    """A published bar: candle values, lifecycle, and the accumulator that restores it exactly."""
+    return [
+        *candle_columns(),
+        Column("tick_count", Integer(), nullable=False),
+        Column("source", Integer(), nullable=False),  # mt5.market.v1.CandleSource number
+        Column("final", Boolean(), nullable=False),
+        Column("ea_disagrees", Boolean(), nullable=False),
+        Column("spread_sum", Price, nullable=False),
+        Column("weight", Integer(), nullable=False),
+        Column("first_us", BigInteger(), nullable=False),
+        Column("last_us", BigInteger(), nullable=False),
+    ]
+
+
+# The latest version of every bar, forming or final; what GetCandles reads and restarts restore.
+agg_candles = Table(
+    "agg_candles",
+    metadata,
+    *bar_columns(),
+    PrimaryKeyConstraint("symbol", "timeframe", "ts"),
+)
+
+# Every final version of every bar (first final, then each revision); its id is the candle feed's
+# cursor. Forming versions are not logged: they are live-only.
+agg_candle_log = Table(
+    "agg_candle_log",
+    metadata,
+    Column("id", Cursor, primary_key=True, autoincrement=True),
+    *bar_columns(),
+)
+
+# Per symbol: the latest tick time seen (the watermark's base) and the last input cursor applied.
+agg_symbols = Table(
+    "agg_symbols",
+    metadata,
+    Column("symbol", String(32), primary_key=True),
+    Column("latest_tick_us", BigInteger(), nullable=True),
+    Column("last_tick_cursor", BigInteger(), nullable=False),
+)
+
+# The aggregator's input cursors on ingest's feeds ("ticks", "candles"), committed with its output.
+agg_cursors = Table(
+    "agg_cursors",
+    metadata,
+    Column("feed", String(16), primary_key=True),
+    Column("cursor", BigInteger(), nullable=False),
 )

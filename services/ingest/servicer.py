@@ -121,8 +121,14 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         with self._slots.take() as admitted:
             if not admitted:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many subscribers; retry later")
-            async for item in self._follow(read, request.from_cursor):
-                yield pb.SubscribeTicksResponse(cursor=item.cursor, tick=protoconv.tick_to_pb(item.tick))
+            async for page in self._follow(read, request.from_cursor):
+                yield pb.SubscribeTicksResponse(
+                    cursor=page[-1].cursor,
+                    ticks=[
+                        pb.CursorTick(cursor=item.cursor, tick=protoconv.tick_to_pb(item.tick))
+                        for item in page
+                    ],
+                )
 
     async def SubscribeCandles(
         self, request: pb.SubscribeCandlesRequest, context: grpc.aio.ServicerContext
@@ -140,10 +146,11 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         with self._slots.take() as admitted:
             if not admitted:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many subscribers; retry later")
-            async for item in self._follow(read, request.from_cursor):
-                yield pb.SubscribeCandlesResponse(
-                    cursor=item.cursor, candle=protoconv.candle_to_pb(item.candle), revision=item.revision
-                )
+            async for page in self._follow(read, request.from_cursor):
+                for item in page:
+                    yield pb.SubscribeCandlesResponse(
+                        cursor=item.cursor, candle=protoconv.candle_to_pb(item.candle), revision=item.revision
+                    )
 
     async def CheckHealth(
         self, request: pb.CheckHealthRequest, context: grpc.aio.ServicerContext
@@ -156,7 +163,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
 
     def _follow(
         self, read: Callable[[int, int], Awaitable[list[_Item]]], cursor: int
-    ) -> AsyncIterator[_Item]:
+    ) -> AsyncIterator[Sequence[_Item]]:
         return follow(
             read,
             self._commits.committed,

@@ -150,13 +150,14 @@ async def test_subscribe_ticks_from_cursor_replays_stored_then_live_without_gap(
     await TickStreamer(ingest.address, API_KEY, "feed-4").send(batches[:2])
     channel = open_channel(ingest.address, API_KEY)
     stub = pb_grpc.IngestServiceStub(channel)
-    received: list[pb.SubscribeTicksResponse] = []
+    received: list[pb.CursorTick] = []
     call = stub.SubscribeTicks(pb.SubscribeTicksRequest(from_cursor=0))
 
     async def read(n: int) -> None:
-        async for item in call:
-            received.append(item)
-            if len(received) == n:
+        async for page in call:
+            assert page.cursor == page.ticks[-1].cursor
+            received.extend(page.ticks)
+            if len(received) >= n:
                 return
 
     await asyncio.wait_for(read(20), 10)
@@ -168,10 +169,10 @@ async def test_subscribe_ticks_from_cursor_replays_stored_then_live_without_gap(
     cursors = [r.cursor for r in received]
     assert cursors == sorted(set(cursors))
     resumed = stub.SubscribeTicks(pb.SubscribeTicksRequest(from_cursor=cursors[14]))
-    tail = []
-    async for item in resumed:
-        tail.append(item)
-        if len(tail) == 15:
+    tail: list[pb.CursorTick] = []
+    async for page in resumed:
+        tail.extend(page.ticks)
+        if len(tail) >= 15:
             break
     resumed.cancel()
     assert [r.cursor for r in tail] == cursors[15:]

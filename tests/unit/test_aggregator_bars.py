@@ -237,3 +237,20 @@ def test_aggregator_ea_history_of_higher_timeframe_rolls_up() -> None:
     d1 = bars[(Timeframe.D1, day)]
     assert (d1.open, d1.close, d1.volume, d1.source) == (1.0, 1.24, 240, BarSource.ROLLUP)
     assert bars[(Timeframe.H4, day + dt.timedelta(hours=4))].open == 1.04
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 3_999))
+def test_aggregator_restore_from_stored_versions_continues_identically(seed: int, cut: int) -> None:
+    ticks = make_ticks(4_000, seed=seed, span_hours=30)
+    first = Aggregator()
+    stored: dict[tuple[Timeframe, dt.datetime], Bar] = {}
+    emitted = first.add_ticks("X", ticks.ts[:cut], ticks.bid[:cut], ticks.ask[:cut])
+    for bar in [*emitted.final, *emitted.forming]:
+        stored[(bar.timeframe, bar.ts)] = bar  # what the service writes: the latest version of each bar
+    restored = Aggregator()
+    restored.restore("X", stored.values(), first.symbols["X"].latest_tick_us, first.symbols["X"].last_cursor)
+    rest = ticks.take(slice(cut, None))
+    after_restart = final_bars(restored, "X", rest)
+    uninterrupted = final_bars(first, "X", rest)
+    assert after_restart == uninterrupted

@@ -128,6 +128,14 @@ class SubscribeTicksRequest(_message.Message):
     def __init__(self, from_cursor: _Optional[int] = ..., symbols: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubscribeTicksResponse(_message.Message):
+    __slots__ = ("cursor", "ticks")
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    TICKS_FIELD_NUMBER: _ClassVar[int]
+    cursor: int
+    ticks: _containers.RepeatedCompositeFieldContainer[CursorTick]
+    def __init__(self, cursor: _Optional[int] = ..., ticks: _Optional[_Iterable[_Union[CursorTick, _Mapping]]] = ...) -> None: ...
+
+class CursorTick(_message.Message):
     __slots__ = ("cursor", "tick")
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     TICK_FIELD_NUMBER: _ClassVar[int]

@@ -80,16 +80,20 @@ class Candle(_message.Message):
     def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[_Union[Timeframe, str]] = ..., ts: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., open: _Optional[float] = ..., high: _Optional[float] = ..., low: _Optional[float] = ..., close: _Optional[float] = ..., volume: _Optional[float] = ..., spread: _Optional[float] = ...) -> None: ...
 
 class Bar(_message.Message):
-    __slots__ = ("candle", "source", "revision", "final")
+    __slots__ = ("candle", "source", "revision", "final", "tick_count", "ea_disagrees")
     CANDLE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    TICK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EA_DISAGREES_FIELD_NUMBER: _ClassVar[int]
     candle: Candle
     source: CandleSource
     revision: int
     final: bool
-    def __init__(self, candle: _Optional[_Union[Candle, _Mapping]] = ..., source: _Optional[_Union[CandleSource, str]] = ..., revision: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
+    tick_count: int
+    ea_disagrees: bool
+    def __init__(self, candle: _Optional[_Union[Candle, _Mapping]] = ..., source: _Optional[_Union[CandleSource, str]] = ..., revision: _Optional[int] = ..., final: _Optional[bool] = ..., tick_count: _Optional[int] = ..., ea_disagrees: _Optional[bool] = ...) -> None: ...
 
 class IndicatorValues(_message.Message):
     __slots__ = ("symbol", "timeframe", "ts", "revision", "final", "rsi", "macd", "macd_signal", "macd_hist", "atr", "bb_upper", "bb_middle", "bb_lower")

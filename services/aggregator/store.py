@@ -1,0 +1,258 @@
+"""The aggregator's storage adapter.
+
+Bar versions, per-symbol state and input cursors are committed together, so that a restart resumes
+exactly where the last commit left off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import Engine, and_, or_, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+
+from services.aggregator.bars import SOURCE_OF, Bar, BarSource, Values, bucket_bounds, to_us
+from services.common import db
+from services.common.market import Timeframe
+from services.common.schema import agg_candle_log, agg_candles, agg_cursors, agg_symbols
+
+WRITE_LOCK_KEY = 0x6D7435_61676772  # serializes aggregator commits across processes (PostgreSQL)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+# The longest a bar of each timeframe can be.
+_LONGEST = {
+    Timeframe.M1: dt.timedelta(minutes=1),
+    Timeframe.M5: dt.timedelta(minutes=5),
+    Timeframe.M15: dt.timedelta(minutes=15),
+    Timeframe.M30: dt.timedelta(minutes=30),
+    Timeframe.H1: dt.timedelta(hours=1),
+    Timeframe.H4: dt.timedelta(hours=4),
+    Timeframe.D1: dt.timedelta(days=1),
+    Timeframe.W1: dt.timedelta(days=7),
+    Timeframe.MN1: dt.timedelta(days=31),
+}
+TICKS_FEED = "ticks"
+CANDLES_FEED = "candles"
+
+
+@dataclasses.dataclass(slots=True)
+class UnitOfWork:
+    """Everything one commit writes: latest bar versions, final versions to log, state, cursors."""
+
+    latest: dict[tuple[str, Timeframe, dt.datetime], Bar] = dataclasses.field(default_factory=dict)
+    finals: list[Bar] = dataclasses.field(default_factory=list)
+    symbols: dict[str, tuple[int | None, int]] = dataclasses.field(default_factory=dict)
+    cursors: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def add(self, bars: Iterable[Bar], *, final: bool) -> None:
+        """Record published bars (final ones are also logged)."""
+        for bar in bars:
+            self.latest[bar.key] = bar
+            if final:
+                self.finals.append(bar)
+
+    def __bool__(self) -> bool:
+        return bool(self.latest or self.finals or self.symbols or self.cursors)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SymbolState:
+    """What a restart needs for one symbol."""
+
+    symbol: str
+    latest_tick_us: int | None
+    last_cursor: int
+    bars: list[Bar]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoggedBar:
+    """A final bar version and its cursor."""
+
+    cursor: int
+    bar: Bar
+
+
+class AggregatorStore:
+    """Reads and writes the aggregator's tables (sync; call from a worker thread)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._writer = db.writer(engine)
+        self._postgres = engine.dialect.name == "postgresql"
+        self._insert: Callable[..., Any] = postgresql.insert if self._postgres else sqlite.insert
+
+    def commit(self, work: UnitOfWork) -> None:
+        """Write one unit of work in one transaction."""
+        with self._writer.begin() as conn:
+            if self._postgres:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": WRITE_LOCK_KEY})
+            if work.latest:
+                stmt = self._insert(agg_candles)
+                columns = [c.name for c in agg_candles.columns if c.name not in ("symbol", "timeframe", "ts")]
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=["symbol", "timeframe", "ts"], set_={c: stmt.excluded[c] for c in columns}
+                )
+                conn.execute(stmt, [_row(bar) for bar in work.latest.values()])
+            if work.finals:
+                conn.execute(agg_candle_log.insert(), [_row(bar) for bar in work.finals])
+            if work.symbols:
+                stmt = self._insert(agg_symbols)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=["symbol"],
+                    set_={
+                        "latest_tick_us": stmt.excluded.latest_tick_us,
+                        "last_tick_cursor": stmt.excluded.last_tick_cursor,
+                    },
+                )
+                conn.execute(
+                    stmt,
+                    [
+                        {"symbol": s, "latest_tick_us": latest, "last_tick_cursor": cursor}
+                        for s, (latest, cursor) in work.symbols.items()
+                    ],
+                )
+            if work.cursors:
+                stmt = self._insert(agg_cursors)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=["feed"], set_={"cursor": stmt.excluded.cursor}
+                )
+                conn.execute(stmt, [{"feed": f, "cursor": c} for f, c in work.cursors.items()])
+
+    def cursors(self) -> dict[str, int]:
+        """The committed input cursors."""
+        with self._engine.connect() as conn:
+            return {r.feed: r.cursor for r in conn.execute(select(agg_cursors))}
+
+    def load_state(self, retention: dt.timedelta, lateness: dt.timedelta) -> list[SymbolState]:
+        """For every symbol: its watermark, cursor and the bars a restart must rebuild.
+
+        That is every forming bar, every final bar still revisable (ending within the retention
+        window before the watermark), and all children of the bars of higher timeframes.
+        """
+        c = agg_candles.c
+        states = []
+        with self._engine.connect() as conn:
+            symbols = list(conn.execute(select(agg_symbols)))
+            for sym in symbols:
+                horizon = (sym.latest_tick_us or 0) - lateness // dt.timedelta(microseconds=1)
+                oldest = _EPOCH + dt.timedelta(microseconds=max(0, horizon)) - retention
+                # A final bar is still revisable when it ends after `oldest`.
+                revisable = or_(
+                    *(and_(c.timeframe == tf.name, c.ts > oldest - length) for tf, length in _LONGEST.items())
+                )
+                rows = conn.execute(
+                    select(agg_candles).where(c.symbol == sym.symbol, or_(c.final.is_(False), revisable))
+                )
+                bars = {(b.timeframe, b.ts): b for b in map(_bar, rows)}
+                # Children of restored higher bars may be older than the window: fetch what is missing.
+                wanted: dict[Timeframe, list[tuple[int, int]]] = defaultdict(list)
+                for bar in bars.values():
+                    if bar.timeframe in SOURCE_OF:
+                        wanted[SOURCE_OF[bar.timeframe]].append(bucket_bounds(to_us(bar.ts), bar.timeframe))
+                for child_tf, ranges in wanted.items():
+                    start = min(r[0] for r in ranges)
+                    rows = conn.execute(
+                        select(agg_candles).where(
+                            c.symbol == sym.symbol,
+                            c.timeframe == child_tf.name,
+                            c.ts >= dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=start),
+                        )
+                    )
+                    for bar in map(_bar, rows):
+                        bars.setdefault((bar.timeframe, bar.ts), bar)
+                states.append(
+                    SymbolState(sym.symbol, sym.latest_tick_us, sym.last_tick_cursor, list(bars.values()))
+                )
+        return states
+
+    def candles_after(
+        self, cursor: int, symbols: Sequence[str], timeframes: Sequence[Timeframe], limit: int
+    ) -> list[LoggedBar]:
+        """Final bar versions with a cursor above ``cursor``, in cursor order."""
+        t = agg_candle_log
+        query = select(t).where(t.c.id > cursor)
+        if symbols:
+            query = query.where(t.c.symbol.in_(symbols))
+        if timeframes:
+            query = query.where(t.c.timeframe.in_([tf.name for tf in timeframes]))
+        with self._engine.connect() as conn:
+            return [LoggedBar(r.id, _bar(r)) for r in conn.execute(query.order_by(t.c.id).limit(limit))]
+
+    def latest_cursor(self) -> int:
+        """The highest final-version cursor (0 when none)."""
+        with self._engine.connect() as conn:
+            value = conn.execute(
+                select(agg_candle_log.c.id).order_by(agg_candle_log.c.id.desc()).limit(1)
+            ).scalar()
+        return int(value or 0)
+
+    def candles(
+        self,
+        symbol: str,
+        timeframe: Timeframe,
+        start: dt.datetime | None,
+        end: dt.datetime | None,
+        limit: int,
+    ) -> list[Bar]:
+        """Stored bars (latest versions) of a symbol and timeframe, oldest first."""
+        c = agg_candles.c
+        conditions = [c.symbol == symbol, c.timeframe == timeframe.name]
+        if start is not None:
+            conditions.append(c.ts >= start)
+        if end is not None:
+            conditions.append(c.ts < end)
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(agg_candles).where(and_(*conditions)).order_by(c.ts).limit(limit))
+            return [_bar(r) for r in rows]
+
+
+def _row(bar: Bar) -> dict[str, Any]:
+    state = bar.state
+    assert state is not None
+    return {
+        "symbol": bar.symbol,
+        "timeframe": bar.timeframe.name,
+        "ts": bar.ts,
+        "open": bar.open,
+        "high": bar.high,
+        "low": bar.low,
+        "close": bar.close,
+        "volume": bar.volume,
+        "spread": bar.spread,
+        "revision": bar.revision,
+        "tick_count": bar.tick_count,
+        "source": bar.source.value,
+        "final": bar.final,
+        "ea_disagrees": bar.ea_disagrees,
+        "spread_sum": state.spread_sum,
+        "weight": state.weight,
+        "first_us": state.first_us,
+        "last_us": state.last_us,
+    }
+
+
+def _bar(r: Any) -> Bar:
+    state = Values(
+        r.open, r.high, r.low, r.close, r.volume, r.spread_sum, r.weight, r.tick_count, r.first_us, r.last_us
+    )
+    return Bar(
+        r.symbol,
+        Timeframe[r.timeframe],
+        r.ts,
+        r.open,
+        r.high,
+        r.low,
+        r.close,
+        r.volume,
+        r.spread,
+        r.tick_count,
+        BarSource(r.source),
+        r.revision,
+        r.final,
+        r.ea_disagrees,
+        state,
+    )
