@@ -148,6 +148,7 @@ def service_env(
             f"{name.upper()}_LISTEN": f"127.0.0.1:{port}",
             f"{name.upper()}_METRICS_PORT": "0",
             "LOG_LEVEL": "WARNING",
+            "PYTHONUNBUFFERED": "1",  # a SIGKILLed service still leaves its last log lines
             "MT5MESH_HEALTH_PROBE_SECONDS": "0.2",
             "MT5MESH_SHUTDOWN_GRACE_SECONDS": "2",
         }
@@ -157,9 +158,13 @@ def service_env(
 
 
 def make_service(
-    name: str, database_url: str, log_dir: pathlib.Path, extra: Mapping[str, str] | None = None
+    name: str,
+    database_url: str,
+    log_dir: pathlib.Path,
+    extra: Mapping[str, str] | None = None,
+    port: int | None = None,
 ) -> ServiceProcess:
-    port = free_port()
+    port = port or free_port()
     return ServiceProcess(name, service_env(name, port, database_url, extra), log_dir / f"{name}.log", port)
 
 

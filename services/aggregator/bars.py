@@ -227,6 +227,7 @@ class SymbolBars:
         self.clock_us: int | None = None
         self.late_dropped = 0
         self.last_cursor = 0  # the highest input cursor applied
+        self.last_arrival_us: int | None = None  # wall time of the last tick batch
 
     # --- horizon --------------------------------------------------------------------------------
 
@@ -248,10 +249,13 @@ class SymbolBars:
         bid: npt.NDArray[np.float64],
         ask: npt.NDArray[np.float64],
         volume: npt.NDArray[np.float64],
+        arrival_us: int | None = None,
     ) -> Emitted:
-        """Apply ticks in arrival order (vectorized for the on-time ones)."""
+        """Apply ticks in arrival order (vectorized for the on-time ones); ``arrival_us`` is wall time."""
         if len(ts_us) == 0:
             return Emitted()
+        if arrival_us is not None:
+            self.last_arrival_us = arrival_us
         mid = (bid + ask) / 2
         spread = ask - bid
         contribution = np.where(volume > 0, volume, 1.0)
@@ -308,7 +312,13 @@ class SymbolBars:
         return self._settle({(candle.timeframe, start)})
 
     def advance_clock(self, now_us: int) -> Emitted:
-        """The wall clock: bars of a quiet market become final after their end plus the grace."""
+        """The wall clock: bars of a quiet market become final after their end plus the grace.
+
+        The symbol is quiet when no tick has arrived for the grace period. While ticks keep coming
+        (a live market, or a backfill of old ticks) only their own times move the horizon.
+        """
+        if self.last_arrival_us is not None and now_us - self.last_arrival_us < self._grace:
+            return Emitted()
         self.clock_us = now_us if self.clock_us is None else max(self.clock_us, now_us)
         out = self._settle(set())
         self._prune()
@@ -530,8 +540,9 @@ class Aggregator:
         ask: npt.NDArray[np.float64],
         volume: npt.NDArray[np.float64] | None = None,
         cursors: npt.NDArray[np.int64] | None = None,
+        arrived: dt.datetime | None = None,
     ) -> Emitted:
-        """Ticks of one symbol, in arrival order.
+        """Ticks of one symbol, in arrival order; ``arrived`` is the wall time they came in.
 
         With ``cursors`` (the feed's, increasing), ticks at or below the last applied cursor are
         skipped: a batch delivered again after a reconnect changes nothing.
@@ -543,7 +554,7 @@ class Aggregator:
             if not keep.all():
                 ts_us, bid, ask, vol = ts_us[keep], bid[keep], ask[keep], vol[keep]
             bars.last_cursor = max(bars.last_cursor, int(cursors[-1]))
-        return bars.add_ticks(ts_us, bid, ask, vol)
+        return bars.add_ticks(ts_us, bid, ask, vol, None if arrived is None else to_us(arrived))
 
     def add_ea_candle(self, candle: Candle) -> Emitted:
         """One EA candle."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from typing import Protocol, TypeVar
 
 T = TypeVar("T", bound="HasCursor")
@@ -49,7 +49,7 @@ async def follow(
     *,
     page_size: int = 1000,
     poll_seconds: float = 1.0,
-) -> AsyncIterator[Sequence[T]]:
+) -> AsyncGenerator[Sequence[T], None]:
     """Yield every item after ``cursor`` in cursor order, forever, a page at a time."""
     while True:
         waiter = signal.waiter()

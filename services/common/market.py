@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import re
+
+# What a symbol may look like everywhere in the mesh: "EURUSD", "XAUUSD.m", "US30#".
+SYMBOL_PATTERN = re.compile(r"[A-Za-z0-9._#-]{1,32}")
 
 
 class Timeframe(enum.Enum):

@@ -13,11 +13,10 @@ import math
 import re
 from collections.abc import Collection, Mapping, Sequence
 
-from services.common.market import Candle, Tick, Timeframe, bucket_start
+from services.common.market import SYMBOL_PATTERN, Candle, Tick, Timeframe, bucket_start
 from services.common.validation import FieldViolation, ValidationFailed
 
 MAX_ITEMS = 10_000
-SYMBOL_PATTERN = re.compile(r"[A-Za-z0-9._#-]{1,32}")
 SOURCE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 EARLIEST = dt.datetime(1990, 1, 1, tzinfo=dt.UTC)
 MAX_AHEAD = dt.timedelta(days=1)

@@ -84,6 +84,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         }
         if name == "ingest":
             env["INGEST_MESH_PEERS"] = peers
+        if name == "aggregator":
+            env["AGGREGATOR_INGEST_ADDRESS"] = f"127.0.0.1:{ports['ingest']}"
         children.append(
             Child(
                 name, [sys.executable, "-m", f"services.{name}"], env, grpc_health=f"127.0.0.1:{ports[name]}"

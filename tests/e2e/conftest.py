@@ -44,11 +44,15 @@ def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     workdir = tmp_path_factory.mktemp(f"mesh-{request.param}")
     sqlite = contextlib.nullcontext(helpers.sqlite_url(workdir))
     with helpers.postgres_database() if request.param == "postgresql" else sqlite as url:
+        ingest_port = helpers.free_port()
+        extra = {"aggregator": {"AGGREGATOR_INGEST_ADDRESS": f"127.0.0.1:{ingest_port}"}}
         others = {
-            name: helpers.make_service(name, url, workdir) for name in helpers.SERVICES if name != "ingest"
+            name: helpers.make_service(name, url, workdir, extra.get(name))
+            for name in helpers.SERVICES
+            if name != "ingest"
         }
         peers = ",".join(f"{n}={s.address}" for n, s in others.items())
-        ingest = helpers.make_service("ingest", url, workdir, {"INGEST_MESH_PEERS": peers})
+        ingest = helpers.make_service("ingest", url, workdir, {"INGEST_MESH_PEERS": peers}, port=ingest_port)
         services = {"ingest": ingest, **others}
         engine = db.create_db_engine(url)
         envoy = None

@@ -2,60 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import itertools
 
 import numpy as np
-import numpy.typing as npt
-import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.aggregator.bars import AggregationSettings, Aggregator, Bar, BarSource, to_us
 from services.common.market import Candle, Timeframe
+from tests.market_data import Ticks, make_ticks, reference
 
-START = dt.datetime(2025, 10, 30, 22, 0, tzinfo=dt.UTC)  # crosses a day, a week start and a month end
-RULES = {
-    Timeframe.M1: "1min",
-    Timeframe.M5: "5min",
-    Timeframe.M15: "15min",
-    Timeframe.M30: "30min",
-    Timeframe.H1: "1h",
-    Timeframe.H4: "4h",
-    Timeframe.D1: "1D",
-    Timeframe.W1: "W-MON",
-    Timeframe.MN1: "MS",
-}
 FAR_FUTURE = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
-
-
-@dataclasses.dataclass
-class Ticks:
-    ts: npt.NDArray[np.int64]
-    bid: npt.NDArray[np.float64]
-    ask: npt.NDArray[np.float64]
-    volume: npt.NDArray[np.float64]
-
-    def __len__(self) -> int:
-        return len(self.ts)
-
-    def take(self, index: npt.NDArray[np.intp] | slice) -> Ticks:
-        return Ticks(self.ts[index], self.bid[index], self.ask[index], self.volume[index])
-
-
-def make_ticks(n: int, seed: int, *, span_hours: float = 80.0, with_volume: bool = False) -> Ticks:
-    rng = np.random.default_rng(seed)
-    offsets = np.sort(rng.integers(0, int(span_hours * 3600e6), n))
-    # Distinct times: ties would make "first"/"last" depend on arrival order in any method.
-    offsets = offsets + np.arange(n)
-    mid = 1.08 + np.cumsum(rng.normal(0, 1e-5, n))
-    spread = rng.integers(1, 30, n).astype(np.float64) * 1e-5
-    bid: npt.NDArray[np.float64] = np.round(mid - spread / 2, 6)
-    ask: npt.NDArray[np.float64] = np.round(bid + spread, 6)
-    volume = rng.integers(0, 5, n).astype(np.float64) if with_volume else np.zeros(n)
-    return Ticks(to_us(START) + offsets.astype(np.int64), bid, ask, volume)
 
 
 def final_bars(
@@ -71,28 +30,6 @@ def final_bars(
     for bar in emitted:
         out[(bar.timeframe, bar.ts)] = bar
     return out
-
-
-def reference(ticks: Ticks) -> dict[tuple[Timeframe, dt.datetime], tuple[float, ...]]:
-    """pandas resample of the ticks themselves, for every timeframe."""
-    frame = pd.DataFrame(
-        {
-            "mid": (ticks.bid + ticks.ask) / 2,
-            "spread": ticks.ask - ticks.bid,
-            "volume": np.where(ticks.volume > 0, ticks.volume, 1.0),
-        },
-        index=pd.to_datetime(ticks.ts, unit="us", utc=True),
-    ).sort_index(kind="stable")
-    result = {}
-    for tf, rule in RULES.items():
-        agg = (
-            frame.resample(rule, label="left", closed="left")
-            .agg({"mid": ["first", "max", "min", "last"], "volume": "sum", "spread": "mean"})
-            .dropna()
-        )
-        for ts, row in zip(agg.index, agg.to_numpy(), strict=True):
-            result[(tf, ts.to_pydatetime())] = tuple(float(x) for x in row)
-    return result
 
 
 def assert_matches_reference(
@@ -254,3 +191,20 @@ def test_aggregator_restore_from_stored_versions_continues_identically(seed: int
     after_restart = final_bars(restored, "X", rest)
     uninterrupted = final_bars(first, "X", rest)
     assert after_restart == uninterrupted
+
+
+def test_aggregator_backfill_of_old_ticks_is_not_finalized_by_wall_clock() -> None:
+    ticks = make_ticks(3_000, seed=4, span_hours=6)
+    agg = Aggregator()
+    wall = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    emitted: list[Bar] = []
+    for i, a in enumerate(range(0, len(ticks), 100)):
+        part = slice(a, a + 100)
+        now = wall + dt.timedelta(milliseconds=50 * i)  # pages keep arriving: the symbol is not quiet
+        emitted += agg.add_ticks("X", ticks.ts[part], ticks.bid[part], ticks.ask[part], arrived=now).final
+        emitted += agg.advance_clock(now + dt.timedelta(milliseconds=25)).final
+    emitted += agg.advance_clock(wall + dt.timedelta(hours=1)).final  # quiet now: everything closes
+    bars = {(b.timeframe, b.ts): b for b in emitted}
+    assert agg.late_dropped == 0
+    assert all(b.revision == 0 for b in emitted)
+    assert bars == final_bars(Aggregator(), "X", ticks)

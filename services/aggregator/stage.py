@@ -1,0 +1,301 @@
+"""The aggregator as a stage: ingest's feeds in, bars out, state and cursors committed together.
+
+One task owns the aggregation core. Pages of ticks and EA candles from ingest's feeds (followed from
+the committed cursors) go through the core; what it publishes joins a unit of work; a committer
+writes each unit of work — latest bar versions, the log of final versions, per-symbol state and the
+input cursors — in one transaction, then wakes subscribers. A restart restores the core from the
+stored bars and resumes the feeds from the stored cursors: nothing is lost or applied twice.
+Forming bars are live-only: they go to subscribers that asked for them through bounded queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import grpc
+import numpy as np
+from mt5.ingest.v1 import ingest_service_pb2 as ingest_pb
+from mt5.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
+
+from services.aggregator import metrics
+from services.aggregator.bars import Aggregator, Bar, Emitted
+from services.aggregator.config import AggregatorConfig
+from services.aggregator.store import CANDLES_FEED, TICKS_FEED, AggregatorStore, LoggedBar, UnitOfWork
+from services.common.feed import CommitSignal, follow
+from services.common.market import Candle, Timeframe
+from services.common.protoconv import micros
+
+logger = logging.getLogger(__name__)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+class SubscriberTooSlow(Exception):
+    """A subscriber let its bounded queue of forming updates fill up; it must resume from its cursor."""
+
+
+@dataclasses.dataclass(eq=False)
+class FormingSubscription:
+    """One subscriber's bounded queue of forming bars."""
+
+    symbols: frozenset[str]
+    timeframes: frozenset[Timeframe]
+    queue: asyncio.Queue[Bar]
+    overflowed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    def wants(self, bar: Bar) -> bool:
+        """Whether the bar passes the subscriber's filters."""
+        return (not self.symbols or bar.symbol in self.symbols) and (
+            not self.timeframes or bar.timeframe in self.timeframes
+        )
+
+
+class AggregationStage:
+    """Runs the aggregator's input, clock and commit loops, and serves its feed."""
+
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        store: AggregatorStore,
+        ingest: grpc.aio.Channel,
+        now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._ingest = ingest_grpc.IngestServiceStub(ingest)
+        self._now = now
+        self.core = Aggregator(config.bars)
+        self.committed = CommitSignal()
+        self._pending = UnitOfWork()
+        self._pending_bars = 0
+        self._work_ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._cursors = {TICKS_FEED: 0, CANDLES_FEED: 0}
+        self._forming: set[FormingSubscription] = set()
+
+    # --- start ----------------------------------------------------------------------------------
+
+    async def restore(self) -> None:
+        """Rebuild the core from stored bars and take the committed input cursors."""
+        settings = self._config.bars
+        states = await asyncio.to_thread(self._store.load_state, settings.retention, settings.lateness)
+        for state in states:
+            self.core.restore(state.symbol, state.bars, state.latest_tick_us, state.last_cursor)
+        self._cursors.update(await asyncio.to_thread(self._store.cursors))
+        logger.info(
+            "restored %d symbols; resuming ticks after %d, candles after %d",
+            len(states),
+            self._cursors[TICKS_FEED],
+            self._cursors[CANDLES_FEED],
+        )
+
+    async def run(self) -> None:
+        """Follow the inputs, run the clock and commit, until cancelled."""
+        await asyncio.gather(
+            self._follow_input(TICKS_FEED, self._tick_pages),
+            self._follow_input(CANDLES_FEED, self._candle_pages),
+            self._clock(),
+            self._committer(),
+        )
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    async def _follow_input(self, feed: str, pages: Callable[[int], AsyncIterator[None]]) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                async for _ in pages(self._cursors[feed]):
+                    backoff = 0.1
+            except grpc.aio.AioRpcError as exc:
+                logger.warning(
+                    "ingest %s feed broke (%s); resuming after cursor %d",
+                    feed,
+                    exc.code().name,
+                    self._cursors[feed],
+                )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _tick_pages(self, cursor: int) -> AsyncIterator[None]:
+        call = self._ingest.SubscribeTicks(ingest_pb.SubscribeTicksRequest(from_cursor=cursor))
+        async for page in call:
+            await self._room.wait()
+            self._apply_ticks(page)
+            yield None
+
+    async def _candle_pages(self, cursor: int) -> AsyncIterator[None]:
+        call = self._ingest.SubscribeCandles(ingest_pb.SubscribeCandlesRequest(from_cursor=cursor))
+        async for item in call:
+            await self._room.wait()
+            c = item.candle
+            candle = Candle(
+                c.symbol,
+                Timeframe(c.timeframe),
+                _EPOCH + dt.timedelta(microseconds=micros(c.ts)),
+                c.open,
+                c.high,
+                c.low,
+                c.close,
+                c.volume,
+                c.spread,
+            )
+            self._record(self.core.add_ea_candle(candle))
+            self._pending.cursors[CANDLES_FEED] = self._cursors[CANDLES_FEED] = item.cursor
+            yield None
+
+    def _apply_ticks(self, page: ingest_pb.SubscribeTicksResponse) -> None:
+        arrived = self._now()
+        columns: dict[str, tuple[list[int], list[float], list[float], list[float], list[int]]] = defaultdict(
+            lambda: ([], [], [], [], [])
+        )
+        for item in page.ticks:
+            t = item.tick
+            ts, bid, ask, vol, cur = columns[t.symbol]
+            ts.append(t.ts.seconds * 1_000_000 + t.ts.nanos // 1000)
+            bid.append(t.bid)
+            ask.append(t.ask)
+            vol.append(t.volume)
+            cur.append(item.cursor)
+        for symbol, (ts, bid, ask, vol, cur) in columns.items():
+            emitted = self.core.add_ticks(
+                symbol,
+                np.array(ts, dtype=np.int64),
+                np.array(bid),
+                np.array(ask),
+                np.array(vol),
+                np.array(cur, dtype=np.int64),
+                arrived,
+            )
+            self._record(emitted)
+            bars = self.core.symbols[symbol]
+            self._pending.symbols[symbol] = (bars.latest_tick_us, bars.last_cursor)
+        metrics.TICKS.inc(len(page.ticks))
+        metrics.LATE_DROPPED.set(self.core.late_dropped)
+        self._pending.cursors[TICKS_FEED] = self._cursors[TICKS_FEED] = page.cursor
+
+    async def _clock(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.clock_seconds)
+            self._record(self.core.advance_clock(self._now()))
+
+    def _record(self, emitted: Emitted) -> None:
+        if not emitted.final and not emitted.forming and not self._pending:
+            return
+        self._pending.add(emitted.final, final=True)
+        self._pending.add(emitted.forming, final=False)
+        self._pending_bars += len(emitted.final) + len(emitted.forming)
+        for bar in emitted.final:
+            metrics.BARS.labels(bar.timeframe.name, "revised" if bar.revision else "final").inc()
+            if bar.ea_disagrees:
+                metrics.EA_DISAGREEMENTS.inc()
+        self._publish_forming(emitted.forming)
+        self._work_ready.set()
+        if self._pending_bars >= self._config.max_pending_bars:
+            self._room.clear()  # backpressure: stop reading input until the committer catches up
+
+    # --- commits --------------------------------------------------------------------------------
+
+    async def _committer(self) -> None:
+        while True:
+            await self._work_ready.wait()
+            self._work_ready.clear()
+            work, self._pending, self._pending_bars = self._pending, UnitOfWork(), 0
+            self._room.set()
+            if not work:
+                continue
+            delay = 0.1
+            while True:
+                try:
+                    with metrics.COMMIT_SECONDS.time():
+                        await asyncio.to_thread(self._store.commit, work)
+                    break
+                except Exception:  # the database is away: keep the work and retry, in order
+                    logger.warning("commit failed; retrying in %.1fs", delay, exc_info=True)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            self.committed.notify()
+
+    # --- feed -----------------------------------------------------------------------------------
+
+    def _publish_forming(self, bars: Sequence[Bar], only: FormingSubscription | None = None) -> None:
+        for sub in (only,) if only is not None else self._forming:
+            for bar in bars:
+                if sub.wants(bar):
+                    try:
+                        sub.queue.put_nowait(bar)
+                    except asyncio.QueueFull:
+                        sub.overflowed.set()
+                        break
+
+    async def candles(
+        self, cursor: int, symbols: Sequence[str], timeframes: Sequence[Timeframe], include_forming: bool
+    ) -> AsyncIterator[tuple[int, Bar]]:
+        """Final bar versions after ``cursor`` (stored, then live), with forming bars when asked.
+
+        Forming bars carry the cursor of the last final version sent before them. Raises
+        SubscriberTooSlow when the subscriber's forming queue overflowed.
+        """
+        sub: FormingSubscription | None = None
+        if include_forming:
+            sub = FormingSubscription(
+                frozenset(symbols), frozenset(timeframes), asyncio.Queue(self._config.forming_queue)
+            )
+            self._forming.add(sub)
+            self._publish_forming(self.core.forming(symbols or None), only=sub)
+
+        async def read(after: int, limit: int) -> list[LoggedBar]:
+            return await asyncio.to_thread(self._store.candles_after, after, symbols, timeframes, limit)
+
+        pages = follow(
+            read,
+            self.committed,
+            cursor,
+            page_size=self._config.feed_page_size,
+            poll_seconds=self._config.feed_poll_seconds,
+        )
+        next_page: asyncio.Future[Sequence[LoggedBar]] = asyncio.ensure_future(anext(pages))
+        next_forming: asyncio.Future[Bar] | None = None
+        overflow: asyncio.Future[bool] | None = None
+        try:
+            while True:
+                waiting: set[asyncio.Future[object]] = {next_page}  # type: ignore[arg-type]
+                if sub is not None:
+                    next_forming = next_forming or asyncio.ensure_future(sub.queue.get())
+                    overflow = overflow or asyncio.ensure_future(sub.overflowed.wait())
+                    waiting |= {next_forming, overflow}  # type: ignore[arg-type]
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if overflow is not None and overflow in done:
+                    raise SubscriberTooSlow
+                if next_page in done:
+                    for logged in next_page.result():
+                        cursor = logged.cursor
+                        yield cursor, logged.bar
+                    next_page = asyncio.ensure_future(anext(pages))
+                if next_forming is not None and next_forming in done:
+                    yield cursor, next_forming.result()
+                    next_forming = None
+        finally:
+            for future in (next_page, next_forming, overflow):
+                if future is not None:
+                    future.cancel()
+            with contextlib.suppress(Exception):
+                await pages.aclose()
+            if sub is not None:
+                self._forming.discard(sub)
+
+    def candles_stored(
+        self,
+        symbol: str,
+        timeframe: Timeframe,
+        start: dt.datetime | None,
+        end: dt.datetime | None,
+        limit: int,
+    ) -> list[Bar]:
+        """Stored bars of one symbol and timeframe (blocking; run in a thread)."""
+        return self._store.candles(symbol, timeframe, start, end, limit)
