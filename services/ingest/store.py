@@ -249,6 +249,31 @@ class IngestStore:
             rows = conn.execute(query.order_by(t.c.id).limit(limit))
             return [StoredTick(r.id, Tick(r.symbol, r.ts, r.bid, r.ask, r.volume)) for r in rows]
 
+    def ticks_between(self, symbol: str, start: dt.datetime, end: dt.datetime) -> list[StoredTick]:
+        """Committed ticks of a symbol with ``start <= ts < end``, in cursor (arrival) order."""
+        t = ingest_ticks
+        query = (
+            select(t.c.id, t.c.symbol, t.c.ts, t.c.bid, t.c.ask, t.c.volume)
+            .where(t.c.symbol == symbol, t.c.ts >= start, t.c.ts < end)
+            .order_by(t.c.id)
+        )
+        with self._engine.connect() as conn:
+            return [
+                StoredTick(r.id, Tick(r.symbol, r.ts, r.bid, r.ask, r.volume)) for r in conn.execute(query)
+            ]
+
+    def candles_between(self, symbol: str, start: dt.datetime, end: dt.datetime) -> list[Candle]:
+        """Stored EA candles (latest versions) of a symbol with ``start <= ts < end``."""
+        t = ingest_candles
+        query = select(t).where(t.c.symbol == symbol, t.c.ts >= start, t.c.ts < end).order_by(t.c.ts)
+        with self._engine.connect() as conn:
+            return [
+                Candle(
+                    r.symbol, Timeframe[r.timeframe], r.ts, r.open, r.high, r.low, r.close, r.volume, r.spread
+                )
+                for r in conn.execute(query)
+            ]
+
     def candles_after(
         self, cursor: int, symbols: Sequence[str], timeframes: Sequence[Timeframe], limit: int
     ) -> list[StoredCandleChange]:

@@ -16,10 +16,13 @@ from collections.abc import Iterator, Sequence
 
 from mt5.market.v1 import market_pb2
 
+from services.aggregator.backfill import backfill
+from services.aggregator.store import AggregatorStore
 from services.common import db
 from services.common.logs import configure_logging
 from services.common.protoconv import timestamp
 from services.ingest.client import TickStreamer
+from services.ingest.store import IngestStore
 from services.mesh.config import MeshConfig
 from services.mesh.gateway import GatewaySettings, load_base_config, render_config, write_config
 from services.mesh.supervisor import Child, Supervisor
@@ -122,6 +125,26 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _utc(text: str) -> dt.datetime:
+    value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone; add Z or +00:00")
+    return value.astimezone(dt.UTC)
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    """Rebuild the bars of a symbol and range from stored ticks and EA candles."""
+    engine = db.create_db_engine(args.database_url)
+    db.migrate(engine)
+    report = backfill(IngestStore(engine), AggregatorStore(engine), args.symbol, args.start, args.end)
+    print(
+        f"{args.symbol} {args.start.isoformat()} .. {args.end.isoformat()}: {report.ticks} ticks, "
+        f"{report.ea_candles} EA candles -> {report.bars} bars: {report.inserted} inserted, "
+        f"{report.revised} revised, {report.unchanged} unchanged"
+    )
+    return 0
+
+
 def _synthetic_batches(symbol: str, count: int, batch_size: int) -> Iterator[list[market_pb2.Tick]]:
     """A deterministic random walk of ticks, one per 100 ms, starting now."""
     rng = random.Random(7)
@@ -182,6 +205,14 @@ def build_parser(config: MeshConfig) -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("--database-url", default=config.database_url)
     migrate.set_defaults(func=cmd_migrate)
+    fill = sub.add_parser("backfill", help="rebuild candles of a symbol and range from stored ticks")
+    fill.add_argument("--database-url", default=config.database_url)
+    fill.add_argument("--symbol", required=True)
+    fill.add_argument(
+        "--from", dest="start", type=_utc, required=True, help="RFC 3339, e.g. 2025-10-20T00:00:00Z"
+    )
+    fill.add_argument("--to", dest="end", type=_utc, required=True, help="exclusive end, RFC 3339")
+    fill.set_defaults(func=cmd_backfill)
     send = sub.add_parser("send-ticks", help="stream synthetic ticks over gRPC (example client)")
     send.add_argument(
         "--target", default=f"127.0.0.1:{config.gateway_port}", help="gateway or ingest address"
