@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import pathlib
@@ -14,12 +16,17 @@ import shutil
 import sys
 from collections.abc import Iterator, Sequence
 
+from google.protobuf import json_format
+from mt5.aggregator.v1 import aggregator_service_pb2 as aggregator_pb
+from mt5.aggregator.v1 import aggregator_service_pb2_grpc as aggregator_grpc
 from mt5.market.v1 import market_pb2
 
 from services.aggregator.backfill import backfill
 from services.aggregator.store import AggregatorStore
 from services.common import db
+from services.common.channels import open_channel
 from services.common.logs import configure_logging
+from services.common.market import Timeframe
 from services.common.protoconv import timestamp
 from services.ingest.client import TickStreamer
 from services.ingest.store import IngestStore
@@ -145,6 +152,29 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _watch_candles(args: argparse.Namespace, key: str) -> None:
+    request = aggregator_pb.SubscribeCandlesRequest(
+        symbols=args.symbol,
+        timeframes=list(args.timeframe),
+        from_cursor=args.from_cursor,
+        include_forming=args.forming,
+    )
+    async with open_channel(args.target, key) as channel:
+        async for item in aggregator_grpc.AggregatorServiceStub(channel).SubscribeCandles(request):
+            line = json_format.MessageToDict(
+                item, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            )
+            print(json.dumps(line), flush=True)
+
+
+def cmd_watch_candles(args: argparse.Namespace) -> int:
+    """Stream bars from the aggregator as JSON lines (a SubscribeCandles example client)."""
+    key, _ = _api_key(args.api_key, pathlib.Path(args.data_dir))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_watch_candles(args, key))
+    return 0
+
+
 def _synthetic_batches(symbol: str, count: int, batch_size: int) -> Iterator[list[market_pb2.Tick]]:
     """A deterministic random walk of ticks, one per 100 ms, starting now."""
     rng = random.Random(7)
@@ -213,6 +243,15 @@ def build_parser(config: MeshConfig) -> argparse.ArgumentParser:
     )
     fill.add_argument("--to", dest="end", type=_utc, required=True, help="exclusive end, RFC 3339")
     fill.set_defaults(func=cmd_backfill)
+    watch = sub.add_parser("watch-candles", help="stream bars as JSON lines (SubscribeCandles example)")
+    watch.add_argument("--target", default=f"127.0.0.1:{config.gateway_port}", help="gateway or aggregator")
+    watch.add_argument("--api-key", default=config.api_key)
+    watch.add_argument("--data-dir", default=str(config.data_dir))
+    watch.add_argument("--symbol", action="append", default=[], help="repeat for several; none: all")
+    watch.add_argument("--timeframe", action="append", default=[], choices=list(Timeframe.__members__))
+    watch.add_argument("--from-cursor", type=int, default=0, help="resume after this cursor (0: everything)")
+    watch.add_argument("--forming", action="store_true", help="also stream bars while they form")
+    watch.set_defaults(func=cmd_watch_candles)
     send = sub.add_parser("send-ticks", help="stream synthetic ticks over gRPC (example client)")
     send.add_argument(
         "--target", default=f"127.0.0.1:{config.gateway_port}", help="gateway or ingest address"

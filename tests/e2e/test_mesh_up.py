@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import pathlib
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -114,6 +116,27 @@ def test_mesh_up_prints_ready_serves_seed_routes_and_grpc_then_stops_on_sigterm(
         TickStreamer(f"127.0.0.1:{mesh_up.gateway_port}", mesh_up.api_key(), "up-test").send(batches)
     )
     assert (report.batches_acked, report.ticks_stored) == (5, 50)
+    # The streaming example client sees the M1 bars those ticks made (final once the market is quiet).
+    bar = _first_line(
+        [
+            sys.executable,
+            "-m",
+            "services.mesh",
+            "watch-candles",
+            "--target",
+            f"127.0.0.1:{mesh_up.gateway_port}",
+            "--api-key",
+            mesh_up.api_key(),
+            "--symbol",
+            "UP1",
+            "--timeframe",
+            "M1",
+        ],
+        within=30,
+    )
+    assert bar["bar"]["candle"]["symbol"] == "UP1"
+    assert bar["bar"]["candle"]["timeframe"] == "M1"
+    assert bar["bar"]["final"] is True
     children = _children(mesh_up.proc.pid)
     assert len(children) == 5
     mesh_up.proc.send_signal(signal.SIGTERM)
@@ -135,3 +158,20 @@ def _alive(pid: int) -> bool:
         return False
     stat = pathlib.Path(f"/proc/{pid}/stat")
     return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def _first_line(argv: list[str], within: float) -> dict[str, Any]:
+    """Run a streaming command until it prints one line; return that line as JSON."""
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    timer = threading.Timer(within, proc.kill)
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+    finally:
+        timer.cancel()
+        proc.kill()
+        proc.wait()
+    assert line, f"no output within {within}s"
+    parsed: dict[str, Any] = json.loads(line)
+    return parsed
