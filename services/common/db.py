@@ -34,7 +34,10 @@ def create_db_engine(url: str, *, pool_size: int = 5) -> Engine:
     """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+        # No pool_pre_ping: it costs a round trip per checkout on the hot path. A connection the
+        # server dropped fails its transaction (the caller answers UNAVAILABLE; a re-send is
+        # deduplicated) and SQLAlchemy discards the whole pool on such disconnect errors.
+        return create_engine(url, pool_size=pool_size, max_overflow=pool_size)
     if parsed.database and parsed.database != ":memory:":
         pathlib.Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(

@@ -78,7 +78,7 @@ def _check_ts(
         out.append(FieldViolation(field, "is required"))
         return None
     latest = now + MAX_AHEAD
-    if ts_us < _micros(EARLIEST):
+    if ts_us < _EARLIEST_US:
         out.append(FieldViolation(field, "must not be before 1990-01-01T00:00:00Z"))
         return None
     if ts_us > _micros(latest):
@@ -106,6 +106,9 @@ def _check_amount(value: float, field: str, out: list[FieldViolation]) -> None:
 
 def _micros(ts: dt.datetime) -> int:
     return (ts - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+_EARLIEST_US = _micros(EARLIEST)
 
 
 def _check_count(count: int, field: str) -> None:
@@ -175,27 +178,50 @@ def validate_candles(
     return candles
 
 
+def _tick_is_valid(raw: RawTick, earliest_us: int, latest_us: int) -> bool:
+    """Every tick rule at once, without building messages: the common case costs little."""
+    isfinite = math.isfinite
+    return (
+        raw.ts_us is not None
+        and earliest_us <= raw.ts_us <= latest_us
+        and isfinite(raw.bid)
+        and isfinite(raw.ask)
+        and 0 < raw.bid <= raw.ask
+        and isfinite(raw.volume)
+        and raw.volume >= 0
+        and SYMBOL_PATTERN.fullmatch(raw.symbol) is not None
+    )
+
+
+def _tick_violations(raw: RawTick, at: str, now: dt.datetime) -> list[FieldViolation]:
+    found: list[FieldViolation] = []
+    _check_symbol(raw.symbol, f"{at}.symbol", found)
+    _check_ts(raw.ts_us, f"{at}.ts", now, found)
+    bid_ok = _check_price(raw.bid, f"{at}.bid", found)
+    ask_ok = _check_price(raw.ask, f"{at}.ask", found)
+    if bid_ok and ask_ok and raw.ask < raw.bid:
+        found.append(FieldViolation(f"{at}.ask", "must not be below bid"))
+    _check_amount(raw.volume, f"{at}.volume", found)
+    return found
+
+
 def validate_ticks(items: Sequence[RawTick], now: dt.datetime, field: str = "ticks") -> list[Tick]:
     """Check every tick; raises ValidationFailed naming every bad field of every tick."""
     _check_count(len(items), field)
-    violations: list[FieldViolation] = []
+    earliest_us, latest_us = _EARLIEST_US, _micros(now + MAX_AHEAD)
     ticks: list[Tick] = []
+    bad: list[int] = []
     for index, raw in enumerate(items):
-        at = f"{field}[{index}]"
-        found: list[FieldViolation] = []
-        _check_symbol(raw.symbol, f"{at}.symbol", found)
-        ts = _check_ts(raw.ts_us, f"{at}.ts", now, found)
-        bid_ok = _check_price(raw.bid, f"{at}.bid", found)
-        ask_ok = _check_price(raw.ask, f"{at}.ask", found)
-        if bid_ok and ask_ok and raw.ask < raw.bid:
-            found.append(FieldViolation(f"{at}.ask", "must not be below bid"))
-        _check_amount(raw.volume, f"{at}.volume", found)
-        if found or ts is None:
-            violations.extend(found)
-            continue
-        ticks.append(Tick(raw.symbol, ts, raw.bid, raw.ask, raw.volume))
-    if violations:
-        raise ValidationFailed(violations)
+        if _tick_is_valid(raw, earliest_us, latest_us):
+            assert raw.ts_us is not None
+            ticks.append(
+                Tick(raw.symbol, _EPOCH + dt.timedelta(microseconds=raw.ts_us), raw.bid, raw.ask, raw.volume)
+            )
+        else:
+            bad.append(index)
+    if bad:
+        # Only now spell out what is wrong, field by field, for each bad tick.
+        raise ValidationFailed([v for i in bad for v in _tick_violations(items[i], f"{field}[{i}]", now)])
     return ticks
 
 

@@ -11,12 +11,18 @@ import datetime as dt
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, select, text, tuple_
+from sqlalchemy import ARRAY, Connection, Engine, String, and_, func, select, text, tuple_, type_coerce
 from sqlalchemy.dialects import postgresql, sqlite
 
 from services.common import db
 from services.common.market import Candle, Tick, Timeframe
-from services.common.schema import ingest_candle_log, ingest_candles, ingest_source_batches, ingest_ticks
+from services.common.schema import (
+    UtcDateTime,
+    ingest_candle_log,
+    ingest_candles,
+    ingest_source_batches,
+    ingest_ticks,
+)
 from services.ingest.domain import CandleStatus, TickStatus, classify_candles, tick_statuses
 
 # Same idea as the migration lock: any constant shared by every ingest replica.
@@ -116,7 +122,12 @@ class IngestStore:
                     for b in new_batches
                 ],
             )
-        statuses = iter(tick_statuses([t for b in fresh for t in b.ticks], inserted))
+        fresh_ticks = [t for b in fresh for t in b.ticks]
+        statuses = iter(
+            [TickStatus.RECEIVED] * len(fresh_ticks)
+            if inserted is None
+            else tick_statuses(fresh_ticks, inserted)
+        )
         results: list[TickBatchResult] = []
         for batch, was_replay in zip(batches, replayed, strict=True):
             if was_replay:
@@ -156,8 +167,13 @@ class IngestStore:
         result = conn.execute(stmt, params)
         return {(r.symbol, r.ts, r.bid, r.ask) for r in result}
 
-    def _insert_ticks_copy(self, conn: Connection, rows: Sequence[tuple[Tick, str | None]]) -> set[TickKey]:
-        """PostgreSQL: binary COPY into a session staging table, then one deduplicating INSERT."""
+    def _insert_ticks_copy(
+        self, conn: Connection, rows: Sequence[tuple[Tick, str | None]]
+    ) -> set[TickKey] | None:
+        """PostgreSQL: binary COPY into a session staging table, then one deduplicating INSERT.
+
+        Returns the keys of the rows stored, or None when all of them were.
+        """
         if not rows:
             return set()
         raw = conn.connection.driver_connection
@@ -177,12 +193,17 @@ class IngestStore:
                 copy.set_types(["int4", "text", "timestamptz", "float8", "float8", "float8", "text"])
                 for ordinal, (tick, source) in enumerate(rows):
                     copy.write_row((ordinal, tick.symbol, tick.ts, tick.bid, tick.ask, tick.volume, source))
-            # ORDER BY keeps ids (cursors) in request order.
+            # ORDER BY keeps ids (cursors) in request order. Only ids come back: when every row was
+            # new (the common case) nothing else needs decoding inside the transaction.
             cur.execute(
                 "INSERT INTO ingest_ticks (symbol, ts, bid, ask, volume, source_id) "
                 "SELECT symbol, ts, bid, ask, volume, source_id FROM ingest_ticks_stage ORDER BY ord "
-                "ON CONFLICT (symbol, ts, bid, ask) DO NOTHING RETURNING symbol, ts, bid, ask"
+                "ON CONFLICT (symbol, ts, bid, ask) DO NOTHING RETURNING id"
             )
+            ids = [row[0] for row in cur.fetchall()]
+            if len(ids) == len(rows):
+                return None
+            cur.execute("SELECT symbol, ts, bid, ask FROM ingest_ticks WHERE id = ANY(%s)", (ids,))
             return {(s, ts.astimezone(dt.UTC), bid, ask) for s, ts, bid, ask in cur.fetchall()}
 
     # --- candles -----------------------------------------------------------------------------
@@ -230,8 +251,27 @@ class IngestStore:
         t = ingest_candles
         found: dict[tuple[str, Timeframe, dt.datetime], tuple[tuple[float, ...], int]] = {}
         wanted = sorted((s, tf.name, ts) for s, tf, ts in keys)
-        for chunk in _chunks(wanted, _KEY_CHUNK):
-            query = select(t).where(tuple_(t.c.symbol, t.c.timeframe, t.c.ts).in_(chunk))
+        if self._postgres and wanted:
+            # A join on unnest()ed arrays: PostgreSQL plans a long (a, b, c) IN (...) list slowly.
+            symbols, timeframes, times = (list(column) for column in zip(*wanted, strict=True))
+            keyset = select(
+                func.unnest(type_coerce(symbols, ARRAY(String()))).label("symbol"),
+                func.unnest(type_coerce(timeframes, ARRAY(String()))).label("timeframe"),
+                func.unnest(type_coerce(times, ARRAY(UtcDateTime()))).label("ts"),
+            ).subquery()
+            query = select(t).join(
+                keyset,
+                and_(
+                    t.c.symbol == keyset.c.symbol, t.c.timeframe == keyset.c.timeframe, t.c.ts == keyset.c.ts
+                ),
+            )
+            chunks: Iterable[Any] = [query]
+        else:
+            chunks = (
+                select(t).where(tuple_(t.c.symbol, t.c.timeframe, t.c.ts).in_(chunk))
+                for chunk in _chunks(wanted, _KEY_CHUNK)
+            )
+        for query in chunks:
             for row in conn.execute(query):
                 key = (row.symbol, Timeframe[row.timeframe], row.ts)
                 found[key] = ((row.open, row.high, row.low, row.close, row.volume, row.spread), row.revision)

@@ -6,6 +6,8 @@ import dataclasses
 import datetime as dt
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.common.market import Candle, Tick, Timeframe
 from services.common.validation import ValidationFailed
@@ -138,3 +140,23 @@ def test_tick_statuses_repeated_key_in_one_request_is_duplicate() -> None:
         TickStatus.DUPLICATE,
         TickStatus.DUPLICATE,
     ]
+
+
+_weird = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.0, 1.0, 1.1]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    symbol=st.sampled_from(["EURUSD", "", "EUR USD", "X" * 33, "a#b.c-d_e"]),
+    ts_us=st.one_of(st.none(), st.integers(min_value=-(2**62), max_value=2**62), st.just(TS_US)),
+    bid=_weird,
+    ask=_weird,
+    volume=_weird,
+)
+def test_validate_ticks_fast_check_and_violations_agree(
+    symbol: str, ts_us: int | None, bid: float, ask: float, volume: float
+) -> None:
+    """A tick is accepted exactly when the detailed check finds nothing wrong with it."""
+    raw = RawTick(symbol, ts_us, bid, ask, volume)
+    fast = domain._tick_is_valid(raw, domain._EARLIEST_US, domain._micros(NOW + domain.MAX_AHEAD))
+    assert fast == (not domain._tick_violations(raw, "ticks[0]", NOW))
