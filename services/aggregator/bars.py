@@ -490,6 +490,42 @@ class SymbolBars:
         self.last_cursor = last_cursor
         self._prune()
 
+    def is_live(self, timeframe: Timeframe, start_us: int) -> bool:
+        """Whether the bar starting at ``start_us`` is in memory (not pruned, or never seen)."""
+        return start_us in self.slots[timeframe]
+
+    def adopt(self, bars: Iterable[Bar]) -> None:
+        """Bring stored bars that are no longer in memory back, without touching live ones.
+
+        Used before an EA candle for an old bar: its stored version (and its ancestors with their
+        children) must be live so that the EA bar revises it, rather than starting a new one.
+        """
+        adopted: list[tuple[Timeframe, int]] = []
+        for bar in sorted(bars, key=lambda b: (ORDER.index(b.timeframe), b.ts)):
+            start, end = bucket_bounds(to_us(bar.ts), bar.timeframe)
+            if start in self.slots[bar.timeframe] or bar.state is None:
+                continue
+            slot = self._slot(bar.timeframe, start, end)
+            values = bar.state.copy()
+            if bar.source is BarSource.EA:
+                slot.ea = values
+            else:
+                slot.computed = values
+            slot.revision, slot.final = bar.revision, bar.final
+            slot.published, slot.published_final = (values.prices, bar.ea_disagrees), bar.final
+            adopted.append((bar.timeframe, start))
+        for tf, start in adopted:
+            slot = self.slots[tf][start]
+            if tf in SOURCE_OF and slot.children is not None:
+                for c_start, c_slot in self.slots[SOURCE_OF[tf]].items():
+                    if start <= c_start < slot.end_us and c_slot.effective is not None:
+                        slot.children.setdefault(c_start, c_slot.effective.copy())
+            child = slot.effective
+            for parent_tf in PARENTS_OF[tf]:
+                parent = self.slots[parent_tf].get(bucket_bounds(start, parent_tf)[0])
+                if parent is not None and parent.children is not None and child is not None:
+                    parent.children.setdefault(start, child.copy())
+
     def forming(self) -> list[Bar]:
         """The bars still forming, lowest timeframe first."""
         return [
@@ -567,6 +603,15 @@ class Aggregator:
         for symbol in sorted(self.symbols):
             out.extend(self.symbols[symbol].advance_clock(now_us))
         return out
+
+    def is_live(self, symbol: str, timeframe: Timeframe, ts: dt.datetime) -> bool:
+        """Whether the bar of ``ts`` is in memory."""
+        bars = self.symbols.get(symbol)
+        return bars is not None and bars.is_live(timeframe, bucket_bounds(to_us(ts), timeframe)[0])
+
+    def adopt(self, symbol: str, bars: Iterable[Bar]) -> None:
+        """Bring stored, no longer live bars back (see ``SymbolBars.adopt``)."""
+        self._of(symbol).adopt(bars)
 
     def restore(self, symbol: str, bars: Iterable[Bar], latest_tick_us: int | None, last_cursor: int) -> None:
         """Rebuild one symbol's live bars from stored versions (see ``SymbolBars.restore``)."""

@@ -145,9 +145,20 @@ class AggregationStage:
                 c.volume,
                 c.spread,
             )
+            if not self.core.is_live(candle.symbol, candle.timeframe, candle.ts):
+                await self._adopt_stored(candle)
             self._record(self.core.add_ea_candle(candle))
             self._pending.cursors[CANDLES_FEED] = self._cursors[CANDLES_FEED] = item.cursor
             yield None
+
+    async def _adopt_stored(self, candle: Candle) -> None:
+        """Make an old bar live again, from its latest version, before an EA candle changes it."""
+        stored = await asyncio.to_thread(self._store.bars_around, candle.symbol, candle.timeframe, candle.ts)
+        # Versions not committed yet are newer than the stored ones.
+        latest = {bar.key: bar for bar in stored} | {
+            key: bar for key, bar in self._pending.latest.items() if key[0] == candle.symbol
+        }
+        self.core.adopt(candle.symbol, latest.values())
 
     def _apply_ticks(self, page: ingest_pb.SubscribeTicksResponse) -> None:
         arrived = self._now()

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
-from services.aggregator.bars import SOURCE_OF, Bar, BarSource, Values, bucket_bounds, to_us
+from services.aggregator.bars import PARENTS_OF, SOURCE_OF, Bar, BarSource, Values, bucket_bounds, to_us
 from services.common import db
 from services.common.market import Timeframe
 from services.common.schema import agg_candle_log, agg_candles, agg_cursors, agg_symbols
@@ -168,6 +168,37 @@ class AggregatorStore:
                     SymbolState(sym.symbol, sym.latest_tick_us, sym.last_tick_cursor, list(bars.values()))
                 )
         return states
+
+    def bars_around(self, symbol: str, timeframe: Timeframe, ts: dt.datetime) -> list[Bar]:
+        """The stored bar of ``ts``, every bar above it, and the children of each of those.
+
+        What the core needs to revise an old bar and cascade the change upwards exactly.
+        """
+        c = agg_candles.c
+        wanted: list[tuple[Timeframe, int, int]] = []  # (timeframe, start, end) of bars to fetch
+        levels = [timeframe]
+        start_us = to_us(ts)
+        while levels:
+            tf = levels.pop()
+            start, end = bucket_bounds(start_us, tf)
+            wanted.append((tf, start, start + 1))
+            if tf in SOURCE_OF:
+                wanted.append((SOURCE_OF[tf], start, end))
+            levels.extend(PARENTS_OF[tf])
+        bars: dict[tuple[Timeframe, dt.datetime], Bar] = {}
+        with self._engine.connect() as conn:
+            for tf, start, end in wanted:
+                rows = conn.execute(
+                    select(agg_candles).where(
+                        c.symbol == symbol,
+                        c.timeframe == tf.name,
+                        c.ts >= _EPOCH + dt.timedelta(microseconds=start),
+                        c.ts < _EPOCH + dt.timedelta(microseconds=end),
+                    )
+                )
+                for bar in map(_bar, rows):
+                    bars[(bar.timeframe, bar.ts)] = bar
+        return list(bars.values())
 
     def candles_after(
         self, cursor: int, symbols: Sequence[str], timeframes: Sequence[Timeframe], limit: int

@@ -203,3 +203,24 @@ async def test_get_candles_bad_request_names_field(
             await stub.GetCandles(pb.GetCandlesRequest(**bad), metadata=(("x-api-key", API_KEY),))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in (info.value.details() or "")
+
+
+async def test_subscribe_candles_include_forming_streams_bar_while_it_forms(
+    pair: tuple[ServiceProcess, ServiceProcess],
+) -> None:
+    ingest, aggregator = pair
+    now_us = int(dt.datetime.now(dt.UTC).timestamp() * 1_000_000)
+    live = Ticks(np.array([now_us], dtype=np.int64), np.array([1.25]), np.array([1.2502]), np.zeros(1))
+    async with grpc.aio.insecure_channel(aggregator.address) as channel:
+        stub = pb_grpc.AggregatorServiceStub(channel)
+        call = stub.SubscribeCandles(
+            pb.SubscribeCandlesRequest(symbols=["FORM1"], timeframes=["M1"], include_forming=True),
+            metadata=(("x-api-key", API_KEY),),
+        )
+        await asyncio.sleep(0.3)
+        await TickStreamer(ingest.address, API_KEY, "forming").send(tick_batches(live, "FORM1", 1))
+        first = await asyncio.wait_for(anext(aiter(call)), 10)
+        call.cancel()
+    assert first.bar.candle.symbol == "FORM1"
+    assert not first.bar.final
+    assert first.bar.candle.close == pytest.approx(1.2501)

@@ -208,3 +208,34 @@ def test_aggregator_backfill_of_old_ticks_is_not_finalized_by_wall_clock() -> No
     assert agg.late_dropped == 0
     assert all(b.revision == 0 for b in emitted)
     assert bars == final_bars(Aggregator(), "X", ticks)
+
+
+def test_aggregator_ea_candle_for_pruned_bar_after_adopt_is_a_revision() -> None:
+    agg = Aggregator()
+    minute = dt.datetime(2025, 10, 20, 3, 0, tzinfo=dt.UTC)
+    stored: dict[tuple[Timeframe, dt.datetime], Bar] = {}
+    forming = agg.add_ticks("X", np.array([to_us(minute) + 1_000_000]), np.array([1.0]), np.array([1.0002]))
+    closed = agg.advance_clock(FAR_FUTURE)  # final, then pruned: far older than the retention window
+    for bar in [*forming.forming, *closed.final]:  # in the order they were published: the latest wins
+        stored[(bar.timeframe, bar.ts)] = bar
+    assert not agg.is_live("X", Timeframe.M1, minute)
+    agg.adopt("X", stored.values())
+    final = {b.timeframe: b for b in agg.add_ea_candle(ea(1.1)).final}
+    assert (final[Timeframe.M1].revision, final[Timeframe.M1].ea_disagrees) == (1, True)
+    assert final[Timeframe.M5].revision == 1  # the change cascades to the final M5 bar
+    assert final[Timeframe.M5].close == 1.1
+
+
+def test_aggregator_adopt_links_every_stored_child_of_a_parent() -> None:
+    agg = Aggregator()
+    minute = dt.datetime(2025, 10, 20, 3, 0, tzinfo=dt.UTC)
+    ts = np.array([to_us(minute) + i * 60_000_000 + 1_000_000 for i in range(3)], dtype=np.int64)
+    forming = agg.add_ticks("X", ts, np.array([1.0, 0.8, 1.4]), np.array([1.0002, 0.8002, 1.4002]))
+    closed = agg.add_ticks("X", np.array([to_us(minute) + 600_000_000]), np.array([1.0]), np.array([1.0002]))
+    closed.extend(agg.advance_clock(FAR_FUTURE))
+    stored = {(b.timeframe, b.ts): b for b in [*forming.forming, *closed.forming, *closed.final]}
+    assert not agg.is_live("X", Timeframe.M5, minute)
+    agg.adopt("X", stored.values())  # M1 bars and their M5 parent, all pruned before
+    m5 = next(b for b in agg.add_ea_candle(ea(1.1)).final if b.timeframe is Timeframe.M5)
+    # The EA bar replaced the first minute; the other two minutes still count.
+    assert (m5.low, m5.high, m5.close, m5.revision) == (0.8001, 1.4001, 1.4001, 1)
