@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install gen proto-deps run test test-unit test-integration test-e2e lint format migrate bench-ingest clean
+.PHONY: install gen proto-deps k8s-sync k8s-render run test test-unit test-integration test-e2e lint format migrate bench-ingest clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -22,6 +22,17 @@ install: $(STAMP)
 
 gen: $(STAMP)
 	PYTHON=$(PY) tools/gen.sh
+	$(MAKE) k8s-sync
+
+# Refresh the copies k8s/base's gateway ConfigMap is made from (tests fail while they differ).
+k8s-sync:
+	cp envoy/envoy.yaml k8s/base/gateway/envoy.yaml
+	cp gen/mt5mesh.binpb k8s/base/gateway/mt5mesh.binpb
+
+# Render and validate one environment offline: make k8s-render ENV=production (needs its secrets.env).
+ENV ?= dev
+k8s-render: $(STAMP)
+	kubectl kustomize k8s/overlays/$(ENV) | $(VENV)/bin/kubernetes-validate --strict -k 1.32.0 -
 
 # The googleapis protos buf resolves imports from (git-ignored, copied from an installed package).
 proto-deps: $(STAMP)

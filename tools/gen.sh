@@ -13,4 +13,5 @@ cp "$site/rpc/status.proto" "$site/rpc/error_details.proto" "$deps/google/rpc/"
 [ "${1:-}" = "--deps-only" ] && exit 0
 export PATH="$(dirname "$py"):$PATH"
 buf generate
-buf build -o gen/mt5mesh.binpb
+# Without source info (comments): Envoy does not need them, and the descriptor has to fit a ConfigMap.
+buf build --exclude-source-info -o gen/mt5mesh.binpb
