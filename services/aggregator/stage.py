@@ -28,7 +28,7 @@ from services.aggregator.bars import Aggregator, Bar, Emitted
 from services.aggregator.config import AggregatorConfig
 from services.aggregator.store import CANDLES_FEED, TICKS_FEED, AggregatorStore, LoggedBar, UnitOfWork
 from services.common.feed import CommitSignal, follow
-from services.common.market import Candle, Timeframe
+from services.common.market import Candle, Timeframe, shard_of
 from services.common.protoconv import micros
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,12 @@ class AggregationStage:
         self._work_ready = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
+        # Each shard keeps its own cursors on ingest's feeds (shared by nobody else).
+        sharded = config.shard_count > 1
+        self._feed_keys = {
+            feed: f"{feed}@{config.shard_index}/{config.shard_count}" if sharded else feed
+            for feed in (TICKS_FEED, CANDLES_FEED)
+        }
         self._cursors = {TICKS_FEED: 0, CANDLES_FEED: 0}
         self._forming: set[FormingSubscription] = set()
 
@@ -84,10 +90,21 @@ class AggregationStage:
     async def restore(self) -> None:
         """Rebuild the core from stored bars and take the committed input cursors."""
         settings = self._config.bars
-        states = await asyncio.to_thread(self._store.load_state, settings.retention, settings.lateness)
+        count, index = self._config.shard_count, self._config.shard_index
+        states = await asyncio.to_thread(
+            self._store.load_state,
+            settings.retention,
+            settings.lateness,
+            lambda symbol: shard_of(symbol, count) == index,
+        )
         for state in states:
             self.core.restore(state.symbol, state.bars, state.latest_tick_us, state.last_cursor)
-        self._cursors.update(await asyncio.to_thread(self._store.cursors))
+        stored = await asyncio.to_thread(self._store.cursors)
+        for feed, key in self._feed_keys.items():
+            # A new shard layout starts from the oldest cursor any earlier layout reached: every
+            # symbol's own last applied cursor (restored above) skips what was already applied.
+            earlier = [c for k, c in stored.items() if k == feed or k.startswith(f"{feed}@")]
+            self._cursors[feed] = stored.get(key, min(earlier, default=0))
         logger.info(
             "restored %d symbols; resuming ticks after %d, candles after %d",
             len(states),
@@ -123,14 +140,22 @@ class AggregationStage:
             backoff = min(backoff * 2, 5.0)
 
     async def _tick_pages(self, cursor: int) -> AsyncIterator[None]:
-        call = self._ingest.SubscribeTicks(ingest_pb.SubscribeTicksRequest(from_cursor=cursor))
+        call = self._ingest.SubscribeTicks(
+            ingest_pb.SubscribeTicksRequest(
+                from_cursor=cursor, shard_count=self._config.shard_count, shard_index=self._config.shard_index
+            )
+        )
         async for page in call:
             await self._room.wait()
             self._apply_ticks(page)
             yield None
 
     async def _candle_pages(self, cursor: int) -> AsyncIterator[None]:
-        call = self._ingest.SubscribeCandles(ingest_pb.SubscribeCandlesRequest(from_cursor=cursor))
+        call = self._ingest.SubscribeCandles(
+            ingest_pb.SubscribeCandlesRequest(
+                from_cursor=cursor, shard_count=self._config.shard_count, shard_index=self._config.shard_index
+            )
+        )
         async for item in call:
             await self._room.wait()
             c = item.candle
@@ -148,7 +173,8 @@ class AggregationStage:
             if not self.core.is_live(candle.symbol, candle.timeframe, candle.ts):
                 await self._adopt_stored(candle)
             self._record(self.core.add_ea_candle(candle))
-            self._pending.cursors[CANDLES_FEED] = self._cursors[CANDLES_FEED] = item.cursor
+            self._cursors[CANDLES_FEED] = item.cursor
+            self._pending.cursors[self._feed_keys[CANDLES_FEED]] = item.cursor
             yield None
 
     async def _adopt_stored(self, candle: Candle) -> None:
@@ -188,7 +214,8 @@ class AggregationStage:
             self._pending.symbols[symbol] = (bars.latest_tick_us, bars.last_cursor)
         metrics.TICKS.inc(len(page.ticks))
         metrics.LATE_DROPPED.set(self.core.late_dropped)
-        self._pending.cursors[TICKS_FEED] = self._cursors[TICKS_FEED] = page.cursor
+        self._cursors[TICKS_FEED] = page.cursor
+        self._pending.cursors[self._feed_keys[TICKS_FEED]] = page.cursor
 
     async def _clock(self) -> None:
         while True:

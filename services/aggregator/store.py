@@ -127,7 +127,12 @@ class AggregatorStore:
         with self._engine.connect() as conn:
             return {r.feed: r.cursor for r in conn.execute(select(agg_cursors))}
 
-    def load_state(self, retention: dt.timedelta, lateness: dt.timedelta) -> list[SymbolState]:
+    def load_state(
+        self,
+        retention: dt.timedelta,
+        lateness: dt.timedelta,
+        owns: Callable[[str], bool] = lambda _symbol: True,
+    ) -> list[SymbolState]:
         """For every symbol: its watermark, cursor and the bars a restart must rebuild.
 
         That is every forming bar, every final bar still revisable (ending within the retention
@@ -136,7 +141,7 @@ class AggregatorStore:
         c = agg_candles.c
         states = []
         with self._engine.connect() as conn:
-            symbols = list(conn.execute(select(agg_symbols)))
+            symbols = [row for row in conn.execute(select(agg_symbols)) if owns(row.symbol)]
             for sym in symbols:
                 horizon = (sym.latest_tick_us or 0) - lateness // dt.timedelta(microseconds=1)
                 oldest = _EPOCH + dt.timedelta(microseconds=max(0, horizon)) - retention

@@ -6,9 +6,19 @@ import dataclasses
 import datetime as dt
 import enum
 import re
+import zlib
 
 # What a symbol may look like everywhere in the mesh: "EURUSD", "XAUUSD.m", "US30#".
 SYMBOL_PATTERN = re.compile(r"[A-Za-z0-9._#-]{1,32}")
+
+
+def shard_of(symbol: str, shard_count: int) -> int:
+    """The shard that owns a symbol: CRC-32 of its UTF-8 bytes modulo the shard count.
+
+    Stable across processes, machines and Python versions (unlike ``hash``), so every shard and
+    every feed agree on who owns what.
+    """
+    return zlib.crc32(symbol.encode()) % shard_count if shard_count > 1 else 0
 
 
 class Timeframe(enum.Enum):

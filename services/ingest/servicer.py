@@ -14,8 +14,9 @@ from mt5.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from services.common import protoconv
 from services.common.errors import abort_invalid
 from services.common.feed import SubscriberSlots, follow
+from services.common.market import shard_of
 from services.common.ordered import in_order
-from services.common.validation import ValidationFailed
+from services.common.validation import FieldViolation, ValidationFailed
 from services.ingest import convert, domain, metrics
 from services.ingest.commits import CommitQueue, StoreUnavailable
 from services.ingest.config import IngestConfig
@@ -112,8 +113,9 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     async def SubscribeTicks(
         self, request: pb.SubscribeTicksRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SubscribeTicksResponse]:
-        """Stream committed ticks after the cursor, then live ones."""
+        """Stream committed ticks after the cursor, then live ones (of one shard's symbols if asked)."""
         symbols = list(request.symbols)
+        mine = await self._shard_filter(request.shard_count, request.shard_index, context)
 
         async def read(cursor: int, limit: int) -> list[StoredTick]:
             return await asyncio.to_thread(self._store.ticks_after, cursor, symbols, limit)
@@ -127,6 +129,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                     ticks=[
                         pb.CursorTick(cursor=item.cursor, tick=protoconv.tick_to_pb(item.tick))
                         for item in page
+                        if mine(item.tick.symbol)
                     ],
                 )
 
@@ -135,6 +138,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     ) -> AsyncIterator[pb.SubscribeCandlesResponse]:
         """Stream committed EA candle changes after the cursor, then live ones."""
         symbols = list(request.symbols)
+        mine = await self._shard_filter(request.shard_count, request.shard_index, context)
         try:
             timeframes = protoconv.timeframes_from_pb(list(request.timeframes))
         except ValueError:
@@ -148,6 +152,8 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many subscribers; retry later")
             async for page in self._follow(read, request.from_cursor):
                 for item in page:
+                    if not mine(item.candle.symbol):
+                        continue
                     yield pb.SubscribeCandlesResponse(
                         cursor=item.cursor, candle=protoconv.candle_to_pb(item.candle), revision=item.revision
                     )
@@ -160,6 +166,18 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         if down:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "not serving: " + ", ".join(down))
         return pb.CheckHealthResponse(status="healthy", timestamp=protoconv.timestamp(_now()))
+
+    @staticmethod
+    async def _shard_filter(
+        count: int, index: int, context: grpc.aio.ServicerContext
+    ) -> Callable[[str], bool]:
+        if count > 1 and index >= count:
+            await abort_invalid(
+                context, [FieldViolation("shard_index", f"must be below shard_count ({count})")]
+            )
+        if count <= 1:
+            return lambda _symbol: True
+        return lambda symbol: shard_of(symbol, count) == index
 
     def _follow(
         self, read: Callable[[int, int], Awaitable[list[_Item]]], cursor: int

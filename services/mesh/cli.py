@@ -15,6 +15,7 @@ import secrets
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from google.protobuf import json_format
 from mt5.aggregator.v1 import aggregator_service_pb2 as aggregator_pb
@@ -71,36 +72,45 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"API key ({origin}): {key}", flush=True)
     db.migrate(db.create_db_engine(args.database_url))
     ports = {name: args.base_port + i + 1 for i, name in enumerate(SERVICES)}
+    # Aggregator shard k listens on its base port + 10 k (shard 0 on the usual port).
+    shard_ports = [ports["aggregator"] + 10 * k for k in range(args.shards)]
+    upstreams: dict[str, Any] = {name: ("127.0.0.1", port) for name, port in ports.items()}
+    upstreams["aggregator"] = [("127.0.0.1", port) for port in shard_ports]
     settings = GatewaySettings(
         listen_port=args.gateway_port,
         admin_port=args.admin_port,
         descriptor_path=DESCRIPTOR,
-        upstreams={name: ("127.0.0.1", port) for name, port in ports.items()},
+        upstreams=upstreams,
     )
     envoy_config = write_config(render_config(load_base_config(), settings), data_dir / "envoy.yaml")
     common = {"MT5MESH_API_KEY": key, "DATABASE_URL": args.database_url, "LOG_LEVEL": args.log_level}
     if args.otlp_endpoint:
         common["OTEL_EXPORTER_OTLP_ENDPOINT"] = args.otlp_endpoint
-    peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in ports.items() if n != "ingest")
+    peers = {n: p for n, p in ports.items() if n not in ("ingest", "aggregator")}
+    peers |= {f"aggregator-{k}" if args.shards > 1 else "aggregator": p for k, p in enumerate(shard_ports)}
     children = []
     for i, name in enumerate(SERVICES):
-        env = {
-            **common,
-            f"{name.upper()}_LISTEN": f"127.0.0.1:{ports[name]}",
-            f"{name.upper()}_METRICS_PORT": str(
-                args.metrics_base_port + i + 1 if args.metrics_base_port else 0
-            ),
-            "OTEL_SERVICE_NAME": name,
-        }
-        if name == "ingest":
-            env["INGEST_MESH_PEERS"] = peers
-        if name == "aggregator":
-            env["AGGREGATOR_INGEST_ADDRESS"] = f"127.0.0.1:{ports['ingest']}"
-        children.append(
-            Child(
-                name, [sys.executable, "-m", f"services.{name}"], env, grpc_health=f"127.0.0.1:{ports[name]}"
+        for shard in range(args.shards if name == "aggregator" else 1):
+            port = shard_ports[shard] if name == "aggregator" else ports[name]
+            metrics = args.metrics_base_port + i + 1 + 10 * shard if args.metrics_base_port else 0
+            env = {
+                **common,
+                f"{name.upper()}_LISTEN": f"127.0.0.1:{port}",
+                f"{name.upper()}_METRICS_PORT": str(metrics),
+                "OTEL_SERVICE_NAME": name,
+            }
+            if name == "ingest":
+                env["INGEST_MESH_PEERS"] = ",".join(f"{n}=127.0.0.1:{p}" for n, p in peers.items())
+            if name == "aggregator":
+                env |= {
+                    "AGGREGATOR_INGEST_ADDRESS": f"127.0.0.1:{ports['ingest']}",
+                    "AGGREGATOR_SHARD_COUNT": str(args.shards),
+                    "AGGREGATOR_SHARD_INDEX": str(shard),
+                }
+            label = f"{name}-{shard}" if name == "aggregator" and args.shards > 1 else name
+            children.append(
+                Child(label, [sys.executable, "-m", f"services.{name}"], env, grpc_health=f"127.0.0.1:{port}")
             )
-        )
     children.append(
         Child(
             "envoy",
@@ -231,6 +241,9 @@ def build_parser(config: MeshConfig) -> argparse.ArgumentParser:
         "--otlp-endpoint", default=config.otlp_endpoint, help="send traces to this OTLP/gRPC endpoint"
     )
     up.add_argument("--log-level", default="INFO")
+    up.add_argument(
+        "--shards", type=int, default=1, help="aggregator shards (each owns a share of the symbols)"
+    )
     up.set_defaults(func=cmd_up)
     migrate = sub.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("--database-url", default=config.database_url)

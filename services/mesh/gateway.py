@@ -16,13 +16,15 @@ import logging
 import os
 import pathlib
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 logger = logging.getLogger(__name__)
+
+Endpoint = tuple[str, int]
 
 DEFAULT_CONFIG_PATH = pathlib.Path(__file__).resolve().parents[2] / "envoy" / "envoy.yaml"
 """The repository's production gateway configuration."""
@@ -38,14 +40,15 @@ _DNS_ONLY_FIELDS = ("dns_refresh_rate", "dns_failure_refresh_rate", "dns_lookup_
 class GatewaySettings:
     """Where the rendered gateway listens and where it finds its upstreams.
 
-    ``upstreams`` maps every cluster of the base configuration to ``(host, port)``. An IP address
-    makes the cluster STATIC; a host name keeps it DNS-resolved (STRICT_DNS).
+    ``upstreams`` maps every cluster of the base configuration to ``(host, port)``, or to a list of
+    them (replicas or shards of one service). IP addresses make the cluster STATIC; host names keep
+    it DNS-resolved (STRICT_DNS).
     """
 
     listen_port: int
     admin_port: int
     descriptor_path: pathlib.Path
-    upstreams: Mapping[str, tuple[str, int]]
+    upstreams: Mapping[str, Endpoint | Sequence[Endpoint]]
     listen_address: str = "0.0.0.0"  # noqa: S104 - the gateway serves other hosts by design
 
 
@@ -128,7 +131,7 @@ def write_config(config: Mapping[str, Any], path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def _render_clusters(clusters: list[Any], upstreams: Mapping[str, tuple[str, int]]) -> None:
+def _render_clusters(clusters: list[Any], upstreams: Mapping[str, Endpoint | Sequence[Endpoint]]) -> None:
     names = [_cluster_name(cluster) for cluster in clusters]
     unknown = sorted(set(upstreams) - set(names))
     if unknown:
@@ -140,12 +143,13 @@ def _render_clusters(clusters: list[Any], upstreams: Mapping[str, tuple[str, int
         raise ValueError(f"upstreams lack an address for cluster(s): {', '.join(missing)}")
 
     for cluster, name in zip(clusters, names, strict=True):
-        host, port = upstreams[name]
-        _check_port(f"upstream port of cluster {name}", port)
-        if not host:
-            raise ValueError(f"upstream host of cluster {name} is empty")
-        if _is_ip_address(host):
-            # STATIC needs an IP literal and skips DNS entirely, which is what a local run wants.
+        endpoints = _endpoints(upstreams[name])
+        for host, port in endpoints:
+            _check_port(f"upstream port of cluster {name}", port)
+            if not host:
+                raise ValueError(f"upstream host of cluster {name} is empty")
+        if all(_is_ip_address(host) for host, _ in endpoints):
+            # STATIC needs IP literals and skips DNS entirely, which is what a local run wants.
             # cluster_type (an extension cluster such as envoy.cluster.dns) excludes `type`.
             cluster.pop("cluster_type", None)
             cluster["type"] = "STATIC"
@@ -159,10 +163,18 @@ def _render_clusters(clusters: list[Any], upstreams: Mapping[str, tuple[str, int
                 {
                     "lb_endpoints": [
                         {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                        for host, port in endpoints
                     ]
                 }
             ],
         }
+
+
+def _endpoints(value: Endpoint | Sequence[Endpoint]) -> list[Endpoint]:
+    """One ``(host, port)`` or several (a sharded or replicated service locally)."""
+    if len(value) == 2 and isinstance(value[0], str):
+        return [value]  # type: ignore[list-item]
+    return list(value)  # type: ignore[arg-type]
 
 
 def _cluster_name(cluster: Any) -> str:

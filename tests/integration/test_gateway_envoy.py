@@ -201,7 +201,9 @@ async def _running_envoy(
         access_log=access_log,
     )
     try:
-        await _wait_until_serving(process, gateway, stderr_log, settings.upstreams["ingest"][1])
+        host_port = settings.upstreams["ingest"]
+        assert isinstance(host_port[1], int)
+        await _wait_until_serving(process, gateway, stderr_log, host_port[1])
         yield gateway
     finally:
         process.terminate()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pathlib
+import zlib
 
 import pytest
 
+from services.aggregator.config import AggregatorConfig
 from services.common.auth import key_matches
 from services.common.env import ConfigError, get_address_map, get_int, get_secret_list
+from services.common.market import shard_of
 from services.ingest.config import IngestConfig
 
 KEY = "k" * 32
@@ -70,3 +73,25 @@ def test_ingest_config_reads_every_setting_from_env() -> None:
     assert config.runtime.api_keys == (KEY,)
     assert config.mesh_peers == {"aggregator": "h:1"}
     assert config.runtime.database_url == "sqlite:///x.db"
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", 1), ("aggregator-2", 2), ("mt5-aggregator-0", 0)])
+def test_aggregator_config_shard_index_from_number_or_pod_name(value: str, expected: int) -> None:
+    config = AggregatorConfig.from_env(
+        {"MT5MESH_API_KEY": KEY, "AGGREGATOR_SHARD_COUNT": "3", "AGGREGATOR_SHARD_INDEX": value}
+    )
+    assert (config.shard_count, config.shard_index) == (3, expected)
+
+
+@pytest.mark.parametrize("value", ["3", "aggregator-7", "nope"])
+def test_aggregator_config_shard_index_out_of_range_names_variable(value: str) -> None:
+    with pytest.raises(ConfigError, match="AGGREGATOR_SHARD_INDEX"):
+        AggregatorConfig.from_env(
+            {"MT5MESH_API_KEY": KEY, "AGGREGATOR_SHARD_COUNT": "3", "AGGREGATOR_SHARD_INDEX": value}
+        )
+
+
+def test_shard_of_is_stable_and_spreads_symbols() -> None:
+    assert shard_of("EURUSD", 4) == zlib.crc32(b"EURUSD") % 4
+    assert {shard_of(f"SYM{i}", 4) for i in range(100)} == {0, 1, 2, 3}
+    assert shard_of("EURUSD", 1) == 0

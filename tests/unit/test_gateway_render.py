@@ -197,3 +197,20 @@ def test_write_config_json_suffix_writes_json(base: dict[str, Any], tmp_path: pa
     config = render_config(base, _settings())
     path = write_config(config, tmp_path / "envoy.json")
     assert json.loads(path.read_text(encoding="utf-8")) == config
+
+
+def test_render_several_endpoints_for_one_cluster_lists_them_all() -> None:
+    base = load_base_config()
+    upstreams: dict[str, Any] = {name: ("127.0.0.1", 50051) for name in CLUSTERS}
+    upstreams["aggregator"] = [("127.0.0.1", 50052), ("127.0.0.1", 50062)]
+    settings = GatewaySettings(
+        listen_port=8080, admin_port=9901, descriptor_path=pathlib.Path("/d.binpb"), upstreams=upstreams
+    )
+    rendered = render_config(base, settings)
+    (cluster,) = [c for c in rendered["static_resources"]["clusters"] if c["name"] == "aggregator"]
+    ports = [
+        e["endpoint"]["address"]["socket_address"]["port_value"]
+        for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ]
+    assert ports == [50052, 50062]
+    assert cluster["type"] == "STATIC"

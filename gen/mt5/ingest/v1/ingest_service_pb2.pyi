@@ -120,12 +120,16 @@ class StreamTicksResponse(_message.Message):
     def __init__(self, sequence: _Optional[int] = ..., stored: _Optional[int] = ..., duplicates: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class SubscribeTicksRequest(_message.Message):
-    __slots__ = ("from_cursor", "symbols")
+    __slots__ = ("from_cursor", "symbols", "shard_count", "shard_index")
     FROM_CURSOR_FIELD_NUMBER: _ClassVar[int]
     SYMBOLS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     from_cursor: int
     symbols: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, from_cursor: _Optional[int] = ..., symbols: _Optional[_Iterable[str]] = ...) -> None: ...
+    shard_count: int
+    shard_index: int
+    def __init__(self, from_cursor: _Optional[int] = ..., symbols: _Optional[_Iterable[str]] = ..., shard_count: _Optional[int] = ..., shard_index: _Optional[int] = ...) -> None: ...
 
 class SubscribeTicksResponse(_message.Message):
     __slots__ = ("cursor", "ticks")
@@ -144,14 +148,18 @@ class CursorTick(_message.Message):
     def __init__(self, cursor: _Optional[int] = ..., tick: _Optional[_Union[_market_pb2.Tick, _Mapping]] = ...) -> None: ...
 
 class SubscribeCandlesRequest(_message.Message):
-    __slots__ = ("from_cursor", "symbols", "timeframes")
+    __slots__ = ("from_cursor", "symbols", "timeframes", "shard_count", "shard_index")
     FROM_CURSOR_FIELD_NUMBER: _ClassVar[int]
     SYMBOLS_FIELD_NUMBER: _ClassVar[int]
     TIMEFRAMES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     from_cursor: int
     symbols: _containers.RepeatedScalarFieldContainer[str]
     timeframes: _containers.RepeatedScalarFieldContainer[_market_pb2.Timeframe]
-    def __init__(self, from_cursor: _Optional[int] = ..., symbols: _Optional[_Iterable[str]] = ..., timeframes: _Optional[_Iterable[_Union[_market_pb2.Timeframe, str]]] = ...) -> None: ...
+    shard_count: int
+    shard_index: int
+    def __init__(self, from_cursor: _Optional[int] = ..., symbols: _Optional[_Iterable[str]] = ..., timeframes: _Optional[_Iterable[_Union[_market_pb2.Timeframe, str]]] = ..., shard_count: _Optional[int] = ..., shard_index: _Optional[int] = ...) -> None: ...
 
 class SubscribeCandlesResponse(_message.Message):
     __slots__ = ("cursor", "candle", "revision")

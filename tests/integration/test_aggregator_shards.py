@@ -1,0 +1,112 @@
+"""Two aggregator shards: every symbol is handled by exactly one, and the bars equal a single run's."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import func, select
+
+from services.common import db
+from services.common.market import shard_of
+from services.common.schema import agg_candle_log, agg_candles
+from services.ingest.client import TickStreamer
+from tests.helpers import API_KEY, ServiceProcess, free_port, make_service, postgres_database
+from tests.market_data import make_ticks, reference, tick_batches
+
+SYMBOLS = ("EURUSD", "GBPUSD", "USDJPY", "XAUUSD", "US30#", "BTCUSD.m")
+
+
+@pytest.fixture
+def sharded(tmp_path: pathlib.Path) -> Iterator[tuple[str, ServiceProcess, list[tuple[ServiceProcess, int]]]]:
+    with postgres_database() as url:
+        ingest = make_service("ingest", url, tmp_path).start()
+        shards = []
+        for index in range(2):
+            metrics = free_port()
+            shard = make_service(
+                "aggregator",
+                url,
+                tmp_path,
+                {
+                    "AGGREGATOR_INGEST_ADDRESS": ingest.address,
+                    "AGGREGATOR_SHARD_COUNT": "2",
+                    "AGGREGATOR_SHARD_INDEX": f"aggregator-{index}",
+                    "AGGREGATOR_METRICS_PORT": str(metrics),
+                    "AGGREGATOR_CLOCK_SECONDS": "0.05",
+                },
+            )
+            shard.log_path = tmp_path / f"aggregator-{index}.log"
+            shards.append((shard.start(), metrics))
+        try:
+            yield url, ingest, shards
+        finally:
+            for shard, _ in shards:
+                shard.kill()
+            ingest.kill()
+
+
+def final_count(url: str, symbol: str) -> int:
+    engine = db.create_db_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count())
+                    .select_from(agg_candles)
+                    .where(agg_candles.c.symbol == symbol, agg_candles.c.final)
+                ).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
+async def ticks_counted(metrics_port: int) -> float:
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "mt5_aggregator_ticks_total"
+    )
+
+
+async def test_two_shards_each_symbol_handled_once_and_bars_equal_reference(
+    sharded: tuple[str, ServiceProcess, list[tuple[ServiceProcess, int]]],
+) -> None:
+    url, ingest, shards = sharded
+    data = {symbol: make_ticks(1_500, seed=40 + i, span_hours=6) for i, symbol in enumerate(SYMBOLS)}
+    assert {shard_of(s, 2) for s in SYMBOLS} == {0, 1}  # both shards have work
+    for symbol, ticks in data.items():
+        await TickStreamer(ingest.address, API_KEY, f"shard-{symbol.replace('#', '')}").send(
+            tick_batches(ticks, symbol, 500)
+        )
+    refs = {symbol: reference(ticks) for symbol, ticks in data.items()}
+    for _ in range(300):
+        if all(final_count(url, s) == len(refs[s]) for s in SYMBOLS):
+            break
+        await asyncio.sleep(0.1)
+    engine = db.create_db_engine(url)
+    with engine.connect() as conn:
+        for symbol, ref in refs.items():
+            rows = conn.execute(
+                select(agg_candles).where(agg_candles.c.symbol == symbol, agg_candles.c.final)
+            )
+            got = {(r.timeframe, r.ts): (r.open, r.high, r.low, r.close) for r in rows}
+            assert got == {(tf.name, ts): v[:4] for (tf, ts), v in ref.items()}, symbol
+        c = agg_candle_log.c
+        versions = select(c.symbol, c.timeframe, c.ts, c.revision).distinct().subquery()
+        assert (
+            conn.execute(select(func.count()).select_from(versions)).scalar_one()
+            == conn.execute(select(func.count()).select_from(agg_candle_log)).scalar_one()
+        )
+    engine.dispose()
+    # Each shard read exactly its own symbols' ticks.
+    for index, (_, metrics_port) in enumerate(shards):
+        expected = sum(len(t) for s, t in data.items() if shard_of(s, 2) == index)
+        assert await ticks_counted(metrics_port) == expected
