@@ -12,8 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, and_, or_, select, text
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Engine, and_, or_, select
 
 from services.aggregator.bars import PARENTS_OF, SOURCE_OF, Bar, BarSource, Values, bucket_bounds, to_us
 from services.common import db
@@ -81,15 +80,11 @@ class AggregatorStore:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._writer = db.writer(engine)
-        self._postgres = engine.dialect.name == "postgresql"
-        self._insert: Callable[..., Any] = postgresql.insert if self._postgres else sqlite.insert
+        self._insert = db.dialect_insert(engine)
 
     def commit(self, work: UnitOfWork) -> None:
         """Write one unit of work in one transaction."""
-        with self._writer.begin() as conn:
-            if self._postgres:
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": WRITE_LOCK_KEY})
+        with db.write_transaction(self._engine, WRITE_LOCK_KEY) as conn:
             if work.latest:
                 stmt = self._insert(agg_candles)
                 columns = [c.name for c in agg_candles.columns if c.name not in ("symbol", "timeframe", "ts")]

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import pathlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import alembic.command
 import alembic.config
-from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 
 logger = logging.getLogger(__name__)
@@ -65,6 +68,25 @@ def create_db_engine(url: str, *, pool_size: int = 5) -> Engine:
 def writer(engine: Engine) -> Engine:
     """The same engine, configured for write transactions."""
     return engine.execution_options(sqlite_begin="IMMEDIATE") if is_sqlite(engine) else engine
+
+
+def dialect_insert(engine: Engine) -> Callable[..., Any]:
+    """The ``insert`` construct with ``on_conflict_do_*`` for this engine's dialect."""
+    return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+
+
+@contextlib.contextmanager
+def write_transaction(engine: Engine, lock_key: int) -> Iterator[Connection]:
+    """A write transaction, serialized with every other writer holding ``lock_key``.
+
+    Serializing a table's writers makes its auto-increment ids grow in commit order, which is
+    what lets them serve as feed cursors. SQLite writers are serialized by ``BEGIN IMMEDIATE``;
+    on PostgreSQL a transaction-scoped advisory lock does it across processes and replicas.
+    """
+    with writer(engine).begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key})
+        yield conn
 
 
 def migrate(engine: Engine, revision: str = "head") -> None:

@@ -10,14 +10,16 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any
 
 import grpc
 import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy import Engine
 
-from services.common import telemetry
+from services.common import db, telemetry
 from services.common.auth import ApiKeyInterceptor
 from services.common.config import RuntimeConfig
 
@@ -128,3 +130,50 @@ class ServiceHost:
                 ok = False
             await self.set_serving(ok)
             await asyncio.sleep(self.config.health_probe_seconds)
+
+
+async def run_with_database(
+    host: ServiceHost,
+    engine: Engine,
+    work: Callable[[], Coroutine[Any, Any, None]],
+    *,
+    prepare: Callable[[], Awaitable[None]] | None = None,
+    close: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Serve a service whose heart is one background task over a database.
+
+    Warm-up migrates (waiting while the database is unreachable), runs ``prepare`` (e.g. restore
+    state) and starts ``work``. The service is ready while that task runs and the database
+    answers: a task that died would otherwise leave every caller waiting forever.
+    """
+    tasks: list[asyncio.Task[None]] = []
+
+    async def warmup() -> None:
+        await db.migrate_when_reachable(engine)
+        if prepare is not None:
+            await prepare()
+        task = asyncio.create_task(work(), name=f"{host.service_name} work")
+        task.add_done_callback(_report_failure)
+        tasks.append(task)
+
+    async def ready() -> bool:
+        if not tasks or tasks[0].done():
+            return False
+        return await asyncio.to_thread(db.ping, engine)
+
+    async def cleanup() -> None:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if close is not None:
+            await close()
+        engine.dispose()
+
+    await host.run(warmup=warmup, ready=ready, cleanup=cleanup)
+
+
+def _report_failure(task: asyncio.Task[None]) -> None:
+    # The work only ends by cancellation; anything else is a bug, which readiness now reports too.
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("%s stopped", task.get_name(), exc_info=task.exception())

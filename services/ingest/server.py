@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
 from mt5.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 
 from services.common import db
 from services.common.peers import PeerHealth
-from services.common.server import ServiceHost
+from services.common.server import ServiceHost, run_with_database
 from services.ingest.commits import CommitQueue
 from services.ingest.config import SERVICE_NAME, IngestConfig
 from services.ingest.servicer import IngestServicer
@@ -35,24 +32,4 @@ async def serve(config: IngestConfig, host: ServiceHost | None = None) -> None:
     pb_grpc.add_IngestServiceServicer_to_server(
         IngestServicer(config, commits, store, unhealthy_services), host.server
     )
-    writer: list[asyncio.Task[None]] = []
-
-    async def warmup() -> None:
-        await db.migrate_when_reachable(engine)
-        writer.append(asyncio.create_task(commits.run(), name="commit-queue"))
-
-    async def ready() -> bool:
-        # A dead commit queue would leave every write waiting forever: report it, do not hide it.
-        if not writer or writer[0].done():
-            return False
-        return await asyncio.to_thread(db.ping, engine)
-
-    async def cleanup() -> None:
-        for task in writer:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await peers.close()
-        engine.dispose()
-
-    await host.run(warmup=warmup, ready=ready, cleanup=cleanup)
+    await run_with_database(host, engine, commits.run, close=peers.close)

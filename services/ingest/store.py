@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import ARRAY, Connection, Engine, String, and_, func, select, text, tuple_, type_coerce
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import ARRAY, Connection, Engine, String, and_, func, select, tuple_, type_coerce
 
 from services.common import db
 from services.common.market import Candle, Tick, Timeframe
@@ -72,17 +71,14 @@ class IngestStore:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._writer = db.writer(engine)
         self._postgres = engine.dialect.name == "postgresql"
-        self._insert: Callable[..., Any] = postgresql.insert if self._postgres else sqlite.insert
+        self._insert = db.dialect_insert(engine)
 
     def commit(
         self, tick_batches: Sequence[TickBatch], candle_batches: Sequence[Sequence[Candle]]
     ) -> tuple[list[TickBatchResult], list[list[CandleStatus]]]:
         """Store every batch in one transaction and say what happened to each item."""
-        with self._writer.begin() as conn:
-            if self._postgres:
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": WRITE_LOCK_KEY})
+        with db.write_transaction(self._engine, WRITE_LOCK_KEY) as conn:
             tick_results = self._commit_ticks(conn, tick_batches) if tick_batches else []
             candle_results = self._commit_candles(conn, candle_batches) if candle_batches else []
         return tick_results, candle_results
