@@ -10,9 +10,10 @@ from mt5.aggregator.v1 import aggregator_service_pb2 as pb
 from mt5.aggregator.v1 import aggregator_service_pb2_grpc as pb_grpc
 
 from services.aggregator import convert
-from services.aggregator.stage import AggregationStage, SubscriberTooSlow
+from services.aggregator.stage import AggregationStage
 from services.common.errors import abort_invalid
 from services.common.feed import SubscriberSlots
+from services.common.live import SubscriberTooSlow
 from services.common.market import SYMBOL_PATTERN, Timeframe
 from services.common.validation import FieldViolation
 

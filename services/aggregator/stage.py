@@ -11,8 +11,6 @@ Forming bars are live-only: they go to subscribers that asked for them through b
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import datetime as dt
 import logging
 from collections import defaultdict
@@ -28,31 +26,12 @@ from services.aggregator.bars import Aggregator, Bar, Emitted
 from services.aggregator.config import AggregatorConfig
 from services.aggregator.store import CANDLES_FEED, TICKS_FEED, AggregatorStore, LoggedBar, UnitOfWork
 from services.common.feed import CommitSignal, follow
+from services.common.live import LiveFanout, merge_live
 from services.common.market import Candle, Timeframe, shard_of
 from services.common.protoconv import micros
 
 logger = logging.getLogger(__name__)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-class SubscriberTooSlow(Exception):
-    """A subscriber let its bounded queue of forming updates fill up; it must resume from its cursor."""
-
-
-@dataclasses.dataclass(eq=False)
-class FormingSubscription:
-    """One subscriber's bounded queue of forming bars."""
-
-    symbols: frozenset[str]
-    timeframes: frozenset[Timeframe]
-    queue: asyncio.Queue[Bar]
-    overflowed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
-
-    def wants(self, bar: Bar) -> bool:
-        """Whether the bar passes the subscriber's filters."""
-        return (not self.symbols or bar.symbol in self.symbols) and (
-            not self.timeframes or bar.timeframe in self.timeframes
-        )
 
 
 class AggregationStage:
@@ -83,7 +62,7 @@ class AggregationStage:
             for feed in (TICKS_FEED, CANDLES_FEED)
         }
         self._cursors = {TICKS_FEED: 0, CANDLES_FEED: 0}
-        self._forming: set[FormingSubscription] = set()
+        self.forming = LiveFanout[Bar](config.forming_queue)
 
     # --- start ----------------------------------------------------------------------------------
 
@@ -232,7 +211,7 @@ class AggregationStage:
             metrics.BARS.labels(bar.timeframe.name, "revised" if bar.revision else "final").inc()
             if bar.ea_disagrees:
                 metrics.EA_DISAGREEMENTS.inc()
-        self._publish_forming(emitted.forming)
+        self.forming.publish(emitted.forming)
         self._work_ready.set()
         if self._pending_bars >= self._config.max_pending_bars:
             self._room.clear()  # backpressure: stop reading input until the committer catches up
@@ -261,34 +240,19 @@ class AggregationStage:
 
     # --- feed -----------------------------------------------------------------------------------
 
-    def _publish_forming(self, bars: Sequence[Bar], only: FormingSubscription | None = None) -> None:
-        for sub in (only,) if only is not None else self._forming:
-            for bar in bars:
-                if sub.wants(bar):
-                    try:
-                        sub.queue.put_nowait(bar)
-                    except asyncio.QueueFull:
-                        sub.overflowed.set()
-                        break
-
-    async def candles(
+    def candles(
         self, cursor: int, symbols: Sequence[str], timeframes: Sequence[Timeframe], include_forming: bool
     ) -> AsyncIterator[tuple[int, Bar]]:
         """Final bar versions after ``cursor`` (stored, then live), with forming bars when asked.
 
-        Forming bars carry the cursor of the last final version sent before them. Raises
-        SubscriberTooSlow when the subscriber's forming queue overflowed.
+        Raises ``SubscriberTooSlow`` when the subscriber's queue of forming bars overflowed.
         """
-        sub: FormingSubscription | None = None
-        if include_forming:
-            sub = FormingSubscription(
-                frozenset(symbols), frozenset(timeframes), asyncio.Queue(self._config.forming_queue)
-            )
-            self._forming.add(sub)
-            self._publish_forming(self.core.forming(symbols or None), only=sub)
 
         async def read(after: int, limit: int) -> list[LoggedBar]:
             return await asyncio.to_thread(self._store.candles_after, after, symbols, timeframes, limit)
+
+        def wants(bar: Bar) -> bool:
+            return (not symbols or bar.symbol in symbols) and (not timeframes or bar.timeframe in timeframes)
 
         pages = follow(
             read,
@@ -297,35 +261,14 @@ class AggregationStage:
             page_size=self._config.feed_page_size,
             poll_seconds=self._config.feed_poll_seconds,
         )
-        next_page: asyncio.Future[Sequence[LoggedBar]] = asyncio.ensure_future(anext(pages))
-        next_forming: asyncio.Future[Bar] | None = None
-        overflow: asyncio.Future[bool] | None = None
-        try:
-            while True:
-                waiting: set[asyncio.Future[object]] = {next_page}  # type: ignore[arg-type]
-                if sub is not None:
-                    next_forming = next_forming or asyncio.ensure_future(sub.queue.get())
-                    overflow = overflow or asyncio.ensure_future(sub.overflowed.wait())
-                    waiting |= {next_forming, overflow}  # type: ignore[arg-type]
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if overflow is not None and overflow in done:
-                    raise SubscriberTooSlow
-                if next_page in done:
-                    for logged in next_page.result():
-                        cursor = logged.cursor
-                        yield cursor, logged.bar
-                    next_page = asyncio.ensure_future(anext(pages))
-                if next_forming is not None and next_forming in done:
-                    yield cursor, next_forming.result()
-                    next_forming = None
-        finally:
-            for future in (next_page, next_forming, overflow):
-                if future is not None:
-                    future.cancel()
-            with contextlib.suppress(Exception):
-                await pages.aclose()
-            if sub is not None:
-                self._forming.discard(sub)
+        return merge_live(
+            pages,
+            lambda logged: (logged.cursor, logged.bar),
+            self.forming if include_forming else None,
+            wants,
+            cursor,
+            current=lambda: self.core.forming(symbols or None),
+        )
 
     def candles_stored(
         self,

@@ -178,3 +178,43 @@ agg_cursors = Table(
     Column("feed", String(16), primary_key=True),
     Column("cursor", BigInteger(), nullable=False),
 )
+
+# --- indicators ------------------------------------------------------------------------------
+
+INDICATOR_NAMES = ("rsi", "macd", "macd_signal", "macd_hist", "atr", "bb_upper", "bb_middle", "bb_lower")
+
+
+def indicator_columns() -> list[Column[Any]]:
+    """The indicator values of one final bar; NULL while a lookback is warming up."""
+    return [
+        Column("symbol", String(32), nullable=False),
+        Column("timeframe", String(3), nullable=False),
+        Column("ts", UtcDateTime(), nullable=False),
+        Column("revision", Integer(), nullable=False),
+        *(Column(name, Price, nullable=True) for name in INDICATOR_NAMES),
+    ]
+
+
+# The latest indicator values of every final bar.
+ind_values = Table(
+    "ind_values",
+    metadata,
+    *indicator_columns(),
+    PrimaryKeyConstraint("symbol", "timeframe", "ts"),
+)
+
+# Every published version (first final, then after each revision); its id is the feed's cursor.
+ind_log = Table(
+    "ind_log",
+    metadata,
+    Column("id", Cursor, primary_key=True, autoincrement=True),
+    *indicator_columns(),
+)
+
+# The indicators service's cursor on the aggregator's candle feed, committed with its output.
+ind_cursors = Table(
+    "ind_cursors",
+    metadata,
+    Column("feed", String(16), primary_key=True),
+    Column("cursor", BigInteger(), nullable=False),
+)

@@ -1,11 +1,13 @@
-"""Indicators's configuration, read once from the environment."""
+"""Indicators' configuration, read once from the environment."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
 
+from services.common import env as envreader
 from services.common.config import RuntimeConfig
+from services.indicators.engine import IndicatorSettings
 
 SERVICE_NAME = "mt5.indicators.v1.IndicatorsService"
 DEFAULT_PORT = 50053
@@ -17,15 +19,36 @@ class IndicatorsConfig:
     """Everything the indicators service can be told."""
 
     runtime: RuntimeConfig
+    aggregator_address: str
+    settings: IndicatorSettings
+    max_subscribers: int
+    forming_queue: int
+    feed_page_size: int
+    feed_poll_seconds: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> IndicatorsConfig:
-        """Read the shared variables (`INDICATORS_LISTEN`, `INDICATORS_METRICS_PORT`, ...)."""
+        """Read ``INDICATORS_*`` and the shared variables."""
         return cls(
             runtime=RuntimeConfig.from_env(
                 env,
                 service_name="indicators",
                 default_port=DEFAULT_PORT,
                 default_metrics_port=DEFAULT_METRICS_PORT,
-            )
+            ),
+            aggregator_address=envreader.get_str(env, "INDICATORS_AGGREGATOR_ADDRESS", "127.0.0.1:50052"),
+            settings=IndicatorSettings(
+                rsi_period=envreader.get_int(env, "INDICATORS_RSI_PERIOD", 14, minimum=2),
+                macd_fast=envreader.get_int(env, "INDICATORS_MACD_FAST", 12, minimum=2),
+                macd_slow=envreader.get_int(env, "INDICATORS_MACD_SLOW", 26, minimum=2),
+                macd_signal=envreader.get_int(env, "INDICATORS_MACD_SIGNAL", 9, minimum=1),
+                atr_period=envreader.get_int(env, "INDICATORS_ATR_PERIOD", 14, minimum=1),
+                bb_period=envreader.get_int(env, "INDICATORS_BB_PERIOD", 20, minimum=2),
+                bb_dev_up=envreader.get_float(env, "INDICATORS_BB_DEV_UP", 2.0),
+                bb_dev_down=envreader.get_float(env, "INDICATORS_BB_DEV_DOWN", 2.0),
+            ),
+            max_subscribers=envreader.get_int(env, "INDICATORS_MAX_SUBSCRIBERS", 32, minimum=1),
+            forming_queue=envreader.get_int(env, "INDICATORS_FORMING_QUEUE", 10_000, minimum=1),
+            feed_page_size=envreader.get_int(env, "INDICATORS_FEED_PAGE_SIZE", 1000, minimum=1),
+            feed_poll_seconds=envreader.get_float(env, "INDICATORS_FEED_POLL_SECONDS", 1.0, minimum=0.01),
         )

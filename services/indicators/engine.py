@@ -175,7 +175,7 @@ class SeriesState:
 
     bars: int  # final bars seen since the series started (or was warmed)
     last_final: dt.datetime | None
-    window_start: dt.datetime | None  # oldest revisable bar; None when the whole series is held
+    revisable_after: dt.datetime | None  # newest bar no longer held (None: all are); older: NeedsHistory
     ready: frozenset[str]  # indicators past their warm-up, out of INDICATORS
 
 
@@ -251,10 +251,11 @@ class _Series:
     history, so the bars from the first are kept until every handle of the oldest checkpoint is open.
     """
 
-    __slots__ = ("base", "entries", "live")
+    __slots__ = ("base", "entries", "floor", "live")
 
     def __init__(self) -> None:
         self.base = 0  # final bars before entries[0], no longer held
+        self.floor: dt.datetime | None = None  # time of the last of them: revisions must come after it
         self.entries: list[_Entry] = []
         self.live = _Handles()
 
@@ -311,7 +312,9 @@ def _check_finite(bar: Bar, field_prefix: str = "") -> None:
 class IndicatorEngine:
     """Streaming RSI, MACD, ATR and Bollinger Bands of every (symbol, timeframe); see the module doc."""
 
-    def __init__(self, settings: IndicatorSettings | None = None, checkpoints: int = DEFAULT_CHECKPOINTS) -> None:
+    def __init__(
+        self, settings: IndicatorSettings | None = None, checkpoints: int = DEFAULT_CHECKPOINTS
+    ) -> None:
         if checkpoints < 1:
             raise ValidationFailed([FieldViolation("checkpoints", f"must be at least 1, got {checkpoints}")])
         self.settings = settings or IndicatorSettings()
@@ -321,7 +324,9 @@ class IndicatorEngine:
         # Bars needed to open each handle: the batch function's first value is at index lookback.
         self._need_rsi = lookback("RSI", {"timeperiod": s.rsi_period}) + 1
         self._need_macd = (
-            lookback("MACD", {"fastperiod": s.macd_fast, "slowperiod": s.macd_slow, "signalperiod": s.macd_signal})
+            lookback(
+                "MACD", {"fastperiod": s.macd_fast, "slowperiod": s.macd_slow, "signalperiod": s.macd_signal}
+            )
             + 1
         )
         self._need_atr = lookback("ATR", {"timeperiod": s.atr_period}) + 1
@@ -373,7 +378,9 @@ class IndicatorEngine:
         violations: list[FieldViolation] = []
         for i, bar in enumerate(ordered):
             if bar.symbol != symbol or bar.timeframe is not timeframe:
-                violations.append(FieldViolation(f"bars[{i}]", f"belongs to {bar.symbol} {bar.timeframe.name}"))
+                violations.append(
+                    FieldViolation(f"bars[{i}]", f"belongs to {bar.symbol} {bar.timeframe.name}")
+                )
             if not bar.final:
                 violations.append(FieldViolation(f"bars[{i}].final", "only final bars make a series"))
             if i and bar.ts == ordered[i - 1].ts:
@@ -397,7 +404,7 @@ class IndicatorEngine:
                 split = 0
             else:
                 series.live, outputs = opened
-                series.base = split
+                series.base, series.floor = split, prefix[-1].ts
                 if report_from is not None:
                     reported.extend(
                         self._values(bar, True, *(_opt(float(column[i])) for column in outputs))
@@ -423,7 +430,7 @@ class IndicatorEngine:
         return SeriesState(
             bars=series.base + len(entries),
             last_final=entries[-1].ts if entries else None,
-            window_start=entries[0].ts if series.base and entries else None,
+            revisable_after=series.floor,
             ready=frozenset(name for name, handle in handles.items() if handle is not None),
         )
 
@@ -445,7 +452,7 @@ class IndicatorEngine:
         entries = series.entries
         i = bisect.bisect_left(entries, bar.ts, key=_entry_ts)
         replacing = entries[i].ts == bar.ts
-        if not replacing and i == 0 and series.base:
+        if series.floor is not None and bar.ts <= series.floor:
             raise NeedsHistory(bar.symbol, bar.timeframe, bar.ts)
         if replacing:
             old = entries[i]
@@ -475,6 +482,7 @@ class IndicatorEngine:
         entries = series.entries
         excess = len(entries) - self.checkpoints
         if excess > 0 and entries[excess].before.ready:
+            series.floor = entries[excess - 1].ts
             del entries[:excess]
             series.base += excess
 
@@ -551,7 +559,9 @@ class IndicatorEngine:
         if state.rsi is not None:
             rsi = state.rsi.update(close) if commit else state.rsi.peek(close)
         else:
-            rsi_h = _try_open(self._need_rsi, history, lambda h: stream.RSI(h.arrays()[2], timeperiod=s.rsi_period))
+            rsi_h = _try_open(
+                self._need_rsi, history, lambda h: stream.RSI(h.arrays()[2], timeperiod=s.rsi_period)
+            )
             if rsi_h is not None:
                 rsi = rsi_h.value
                 if commit:
@@ -575,7 +585,9 @@ class IndicatorEngine:
         if state.atr is not None:
             atr = state.atr.update(high, low, close) if commit else state.atr.peek(high, low, close)
         else:
-            atr_h = _try_open(self._need_atr, history, lambda h: stream.ATR(*h.arrays(), timeperiod=s.atr_period))
+            atr_h = _try_open(
+                self._need_atr, history, lambda h: stream.ATR(*h.arrays(), timeperiod=s.atr_period)
+            )
             if atr_h is not None:
                 atr = atr_h.value
                 if commit:
@@ -591,9 +603,7 @@ class IndicatorEngine:
                     state.bb = bb_h
 
         none3: tuple[None, None, None] = (None, None, None)
-        return tuple(
-            None if v is None else _opt(v) for v in (rsi, *(macd or none3), atr, *(bb or none3))
-        )
+        return tuple(None if v is None else _opt(v) for v in (rsi, *(macd or none3), atr, *(bb or none3)))
 
     def _open_bb(self, history: _History) -> stream.BBANDS:
         s = self.settings

@@ -101,6 +101,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             }
             if name == "ingest":
                 env["INGEST_MESH_PEERS"] = ",".join(f"{n}=127.0.0.1:{p}" for n, p in peers.items())
+            if name == "indicators":
+                env["INDICATORS_AGGREGATOR_ADDRESS"] = f"127.0.0.1:{shard_ports[0]}"
             if name == "aggregator":
                 env |= {
                     "AGGREGATOR_INGEST_ADDRESS": f"127.0.0.1:{ports['ingest']}",

@@ -44,10 +44,15 @@ def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     workdir = tmp_path_factory.mktemp(f"mesh-{request.param}")
     sqlite = contextlib.nullcontext(helpers.sqlite_url(workdir))
     with helpers.postgres_database() if request.param == "postgresql" else sqlite as url:
-        ingest_port = helpers.free_port()
-        extra = {"aggregator": {"AGGREGATOR_INGEST_ADDRESS": f"127.0.0.1:{ingest_port}"}}
+        ingest_port, aggregator_port = helpers.free_port(), helpers.free_port()
+        extra = {
+            "aggregator": {"AGGREGATOR_INGEST_ADDRESS": f"127.0.0.1:{ingest_port}"},
+            "indicators": {"INDICATORS_AGGREGATOR_ADDRESS": f"127.0.0.1:{aggregator_port}"},
+        }
         others = {
-            name: helpers.make_service(name, url, workdir, extra.get(name))
+            name: helpers.make_service(
+                name, url, workdir, extra.get(name), port=aggregator_port if name == "aggregator" else None
+            )
             for name in helpers.SERVICES
             if name != "ingest"
         }

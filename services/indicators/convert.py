@@ -1,0 +1,50 @@
+"""Indicators' domain values and catalog to messages."""
+
+from __future__ import annotations
+
+from mt5.indicators.v1 import indicators_service_pb2 as pb
+from mt5.market.v1 import market_pb2
+
+from services.common.protoconv import timestamp
+from services.common.schema import INDICATOR_NAMES
+from services.indicators.catalog import Computation, IndicatorFunction
+from services.indicators.engine import IndicatorValues
+
+
+def values_to_pb(v: IndicatorValues) -> market_pb2.IndicatorValues:
+    """Values as their message; an indicator still warming up is left unset (absent in JSON)."""
+    present = {name: getattr(v, name) for name in INDICATOR_NAMES if getattr(v, name) is not None}
+    return market_pb2.IndicatorValues(
+        symbol=v.symbol,
+        timeframe=v.timeframe.name,
+        ts=timestamp(v.ts),
+        revision=v.revision,
+        final=v.final,
+        **present,
+    )
+
+
+def function_to_pb(fn: IndicatorFunction) -> pb.IndicatorFunction:
+    """A catalog entry as its message."""
+    return pb.IndicatorFunction(
+        name=fn.name,
+        group=fn.group,
+        display_name=fn.display_name,
+        inputs=fn.inputs,
+        parameters=[pb.IndicatorParameter(name=p.name, default_value=p.default) for p in fn.parameters],
+        outputs=fn.outputs,
+    )
+
+
+def computation_to_pb(computation: Computation, times: list[object]) -> pb.ComputeIndicatorResponse:
+    """Output series aligned with the bar times."""
+    return pb.ComputeIndicatorResponse(
+        timestamps=[timestamp(t) for t in times],  # type: ignore[arg-type]
+        outputs=[
+            pb.OutputSeries(
+                name=name,
+                values=[pb.OptionalDouble() if x is None else pb.OptionalDouble(value=x) for x in series],
+            )
+            for name, series in zip(computation.outputs, computation.series, strict=True)
+        ],
+    )

@@ -1,0 +1,194 @@
+"""The indicators service as a stage: the aggregator's bars in, indicator values out.
+
+One task owns the engine. It follows the aggregator's candle feed (final versions, and forming
+bars for provisional values) from the committed cursor; final values and the cursor are committed
+together, then subscribers are woken. On start the engine is warmed from the aggregator's stored
+final bars up to the last value this service stored for each series, and the feed resumes after
+the committed cursor, so a restart loses and duplicates nothing. Provisional values of forming bars
+are live-only and go to the subscribers that asked for them through bounded queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+from mt5.aggregator.v1 import aggregator_service_pb2 as agg_pb
+from mt5.aggregator.v1 import aggregator_service_pb2_grpc as agg_grpc
+from mt5.market.v1 import market_pb2
+
+from services.aggregator.bars import Bar, BarSource
+from services.common.feed import CommitSignal, follow
+from services.common.live import LiveFanout, merge_live
+from services.common.market import Timeframe
+from services.common.protoconv import micros
+from services.indicators import metrics
+from services.indicators.config import IndicatorsConfig
+from services.indicators.engine import IndicatorEngine, IndicatorValues, NeedsHistory
+from services.indicators.store import IndicatorStore, IndicatorWork, LoggedValues
+
+logger = logging.getLogger(__name__)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_PAGE = 10_000
+
+
+def bar_from_pb(message: market_pb2.Bar) -> Bar:
+    """An aggregator bar message as the domain bar the engine takes."""
+    c = message.candle
+    return Bar(
+        c.symbol,
+        Timeframe(c.timeframe),
+        _EPOCH + dt.timedelta(microseconds=micros(c.ts)),
+        c.open,
+        c.high,
+        c.low,
+        c.close,
+        c.volume,
+        c.spread,
+        message.tick_count,
+        BarSource(message.source or 2),
+        message.revision,
+        message.final,
+        message.ea_disagrees,
+    )
+
+
+class IndicatorStage:
+    """Runs the input and commit loops, and serves the indicator feed."""
+
+    def __init__(self, config: IndicatorsConfig, store: IndicatorStore, aggregator: grpc.aio.Channel) -> None:
+        self._config = config
+        self._store = store
+        self._aggregator = agg_grpc.AggregatorServiceStub(aggregator)
+        self.engine = IndicatorEngine(config.settings)
+        self.committed = CommitSignal()
+        self.forming = LiveFanout[IndicatorValues](config.forming_queue)
+        self._pending = IndicatorWork()
+        self._work_ready = asyncio.Event()
+        self._cursor = 0
+
+    async def restore(self) -> None:
+        """Warm every stored series from the aggregator's final bars, and take the committed cursor."""
+        self._cursor = await asyncio.to_thread(self._store.cursor)
+        for symbol, timeframe, last in await asyncio.to_thread(self._store.series):
+            bars = await self._stored_bars(symbol, timeframe, until=last)
+            self.engine.warm(symbol, timeframe, bars)
+        logger.info("indicators warm; resuming the candle feed after cursor %d", self._cursor)
+
+    async def _stored_bars(
+        self, symbol: str, timeframe: Timeframe, until: dt.datetime | None = None
+    ) -> list[Bar]:
+        """The aggregator's stored final bars of a series (up to and including ``until``)."""
+        end = None if until is None else until + dt.timedelta(microseconds=1)
+        return await self.bars_between(symbol, timeframe, None, end)
+
+    async def bars_between(
+        self, symbol: str, timeframe: Timeframe, start: dt.datetime | None, end: dt.datetime | None
+    ) -> list[Bar]:
+        """The aggregator's stored final bars of a series with ``start <= ts < end`` (None: open)."""
+        bars: list[Bar] = []
+        while True:
+            request = agg_pb.GetCandlesRequest(symbol=symbol, timeframe=timeframe.name, limit=_PAGE)
+            if start is not None:
+                getattr(request, "from").FromDatetime(start)
+            if end is not None:
+                request.to.FromDatetime(end)
+            page = [bar_from_pb(b) for b in (await self._aggregator.GetCandles(request, timeout=30)).bars]
+            bars.extend(b for b in page if b.final)
+            if len(page) < _PAGE:
+                return bars
+            start = page[-1].ts + dt.timedelta(microseconds=1)
+
+    async def run(self) -> None:
+        """Follow the aggregator and commit, until cancelled."""
+        await asyncio.gather(self._follow_candles(), self._committer())
+
+    async def _follow_candles(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                request = agg_pb.SubscribeCandlesRequest(from_cursor=self._cursor, include_forming=True)
+                async for item in self._aggregator.SubscribeCandles(request):
+                    await self._apply(item)
+                    backoff = 0.1
+            except grpc.aio.AioRpcError as exc:
+                logger.warning(
+                    "aggregator feed broke (%s); resuming after cursor %d", exc.code().name, self._cursor
+                )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _apply(self, item: agg_pb.SubscribeCandlesResponse) -> None:
+        bar = bar_from_pb(item.bar)
+        with metrics.UPDATE_SECONDS.time():
+            try:
+                values = self.engine.on_bar(bar)
+            except NeedsHistory:
+                # A revision older than the engine's checkpoints: rebuild the series from storage.
+                history = await self._stored_bars(bar.symbol, bar.timeframe)
+                values = self.engine.warm(bar.symbol, bar.timeframe, history, report_from=bar.ts)
+        if bar.final:
+            self._pending.values.extend(values)
+            self._pending.cursor = self._cursor = item.cursor
+            self._work_ready.set()
+        else:
+            self.forming.publish(values)
+
+    async def _committer(self) -> None:
+        while True:
+            await self._work_ready.wait()
+            self._work_ready.clear()
+            work, self._pending = self._pending, IndicatorWork()
+            if not work:
+                continue
+            delay = 0.1
+            while True:
+                try:
+                    await asyncio.to_thread(self._store.commit, work)
+                    break
+                except Exception:  # the database is away: keep the work and retry, in order
+                    logger.warning("commit failed; retrying in %.1fs", delay, exc_info=True)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            metrics.VALUES.inc(len(work.values))
+            self.committed.notify()
+
+    def values_feed(
+        self, cursor: int, symbols: Sequence[str], timeframes: Sequence[Timeframe], include_forming: bool
+    ) -> AsyncIterator[tuple[int, IndicatorValues]]:
+        """Final values after ``cursor`` (stored, then live), with provisional ones when asked."""
+
+        async def read(after: int, limit: int) -> list[LoggedValues]:
+            return await asyncio.to_thread(self._store.values_after, after, symbols, timeframes, limit)
+
+        def wants(v: IndicatorValues) -> bool:
+            return (not symbols or v.symbol in symbols) and (not timeframes or v.timeframe in timeframes)
+
+        pages = follow(
+            read,
+            self.committed,
+            cursor,
+            page_size=self._config.feed_page_size,
+            poll_seconds=self._config.feed_poll_seconds,
+        )
+        return merge_live(
+            pages,
+            lambda logged: (logged.cursor, logged.values),
+            self.forming if include_forming else None,
+            wants,
+            cursor,
+        )
+
+    def stored(
+        self,
+        symbol: str,
+        timeframe: Timeframe,
+        start: dt.datetime | None,
+        end: dt.datetime | None,
+        limit: int,
+    ) -> list[IndicatorValues]:
+        """Stored values (blocking; run in a thread)."""
+        return self._store.values(symbol, timeframe, start, end, limit)

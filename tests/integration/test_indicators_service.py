@@ -1,0 +1,195 @@
+"""The indicators service as a real process behind real ingest and aggregator processes."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import pathlib
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import talib
+from mt5.indicators.v1 import indicators_service_pb2 as pb
+from mt5.indicators.v1 import indicators_service_pb2_grpc as pb_grpc
+from sqlalchemy import func, select
+
+from services.common import db
+from services.common.schema import INDICATOR_NAMES, agg_candles, ind_log, ind_values
+from services.ingest.client import TickStreamer
+from tests.helpers import API_KEY, ServiceProcess, make_service
+from tests.market_data import make_ticks, reference, tick_batches
+
+Trio = tuple[ServiceProcess, ServiceProcess, ServiceProcess]
+
+
+@pytest.fixture
+def trio(database_url: str, tmp_path: pathlib.Path) -> Iterator[Trio]:
+    ingest = make_service("ingest", database_url, tmp_path).start()
+    aggregator = make_service(
+        "aggregator",
+        database_url,
+        tmp_path,
+        {"AGGREGATOR_INGEST_ADDRESS": ingest.address, "AGGREGATOR_CLOCK_SECONDS": "0.05"},
+    ).start()
+    indicators = make_service(
+        "indicators",
+        database_url,
+        tmp_path,
+        {"INDICATORS_AGGREGATOR_ADDRESS": aggregator.address, "INDICATORS_FEED_POLL_SECONDS": "0.05"},
+    ).start()
+    yield ingest, aggregator, indicators
+    for service in (indicators, aggregator, ingest):
+        service.kill()
+
+
+def expected_and_stored(
+    url: str, symbol: str
+) -> tuple[
+    dict[tuple[str, object], tuple[float | None, ...]], dict[tuple[str, object], tuple[float | None, ...]]
+]:
+    """Batch TA-Lib over each timeframe's final candles, and what the service stored."""
+    engine = db.create_db_engine(url)
+    expected: dict[tuple[str, object], tuple[float | None, ...]] = {}
+    try:
+        with engine.connect() as conn:
+            c = agg_candles.c
+            rows = conn.execute(
+                select(agg_candles).where(c.symbol == symbol, c.final).order_by(c.timeframe, c.ts)
+            ).all()
+            for tf in sorted({r.timeframe for r in rows}):
+                bars = [r for r in rows if r.timeframe == tf]
+                high, low, close = (np.array([getattr(r, k) for r in bars]) for k in ("high", "low", "close"))
+                columns = [
+                    talib.RSI(close, 14),
+                    *talib.MACD(close, 12, 26, 9),
+                    talib.ATR(high, low, close, 14),
+                    *talib.BBANDS(close, 20, 2, 2),
+                ]
+                for i, bar in enumerate(bars):
+                    expected[(tf, bar.ts)] = tuple(
+                        None if math.isnan(col[i]) else float(col[i]) for col in columns
+                    )
+            t = ind_values.c
+            stored = {
+                (r.timeframe, r.ts): tuple(getattr(r, n) for n in INDICATOR_NAMES)
+                for r in conn.execute(select(ind_values).where(t.symbol == symbol))
+            }
+    finally:
+        engine.dispose()
+    return expected, stored
+
+
+async def settle(
+    url: str, symbol: str, bars: int
+) -> tuple[
+    dict[tuple[str, object], tuple[float | None, ...]], dict[tuple[str, object], tuple[float | None, ...]]
+]:
+    for _ in range(300):
+        expected, stored = expected_and_stored(url, symbol)
+        if len(expected) == bars and stored == expected:
+            break
+        await asyncio.sleep(0.1)
+    return expected, stored
+
+
+def log_duplicates(url: str) -> int:
+    engine = db.create_db_engine(url)
+    c = ind_log.c
+    try:
+        with engine.connect() as conn:
+            versions = select(c.symbol, c.timeframe, c.ts, c.revision).distinct().subquery()
+            return int(
+                conn.execute(select(func.count()).select_from(ind_log)).scalar_one()
+                - conn.execute(select(func.count()).select_from(versions)).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
+async def test_indicators_equal_talib_batch_over_every_timeframe(trio: Trio, database_url: str) -> None:
+    ingest, _, _ = trio
+    ticks = make_ticks(8_000, seed=51, span_hours=24)
+    await TickStreamer(ingest.address, API_KEY, "ind-1").send(tick_batches(ticks, "EURUSD", 1_000))
+    expected, stored = await settle(database_url, "EURUSD", len(reference(ticks)))
+    assert len(expected) == len(reference(ticks))
+    assert stored == expected  # bit for bit; None exactly where TA-Lib gives NaN
+    assert log_duplicates(database_url) == 0
+
+
+async def test_indicators_killed_at_random_moments_warm_restart_loses_and_duplicates_nothing(
+    trio: Trio, database_url: str
+) -> None:
+    ingest, _, indicators = trio
+    ticks = make_ticks(15_000, seed=52, span_hours=40)
+    rng = random.Random(9)
+
+    async def chaos() -> None:
+        for _ in range(3):
+            await asyncio.sleep(rng.uniform(0.3, 1.0))
+            indicators.kill()
+            await asyncio.to_thread(indicators.start)
+
+    chaos_task = asyncio.create_task(chaos())
+    await TickStreamer(ingest.address, API_KEY, "ind-2").send(tick_batches(ticks, "GBPUSD", 300))
+    await chaos_task
+    expected, stored = await settle(database_url, "GBPUSD", len(reference(ticks)))
+    assert len(expected) == len(reference(ticks))
+    assert stored == expected
+    assert log_duplicates(database_url) == 0
+
+
+async def test_subscribe_indicators_resumes_from_cursor(trio: Trio) -> None:
+    ingest, _, indicators = trio
+    ticks = make_ticks(3_000, seed=53, span_hours=4)
+    await TickStreamer(ingest.address, API_KEY, "ind-3").send(tick_batches(ticks, "USDJPY", 1_000))
+    async with grpc.aio.insecure_channel(indicators.address) as channel:
+        stub = pb_grpc.IndicatorsServiceStub(channel)
+        metadata = (("x-api-key", API_KEY),)
+        first: list[pb.SubscribeIndicatorsResponse] = []
+        call = stub.SubscribeIndicators(
+            pb.SubscribeIndicatorsRequest(symbols=["USDJPY"], timeframes=["M1"]), metadata=metadata
+        )
+        async for item in call:
+            first.append(item)
+            if len(first) == 40:
+                break
+        call.cancel()
+        resumed = stub.SubscribeIndicators(
+            pb.SubscribeIndicatorsRequest(
+                symbols=["USDJPY"], timeframes=["M1"], from_cursor=first[19].cursor
+            ),
+            metadata=metadata,
+        )
+        tail = []
+        async for item in resumed:
+            tail.append(item)
+            if len(tail) == 20:
+                break
+        resumed.cancel()
+    assert [t.cursor for t in tail] == [f.cursor for f in first[20:]]
+    assert [t.values.ts for t in tail] == [f.values.ts for f in first[20:]]
+    assert not first[0].values.HasField("rsi")  # warming up: absent, not NaN, not 0
+    assert first[39].values.HasField("rsi")
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        ({"symbol": "EUR USD", "timeframe": "M1"}, "symbol"),
+        ({"symbol": "EURUSD"}, "timeframe"),
+        ({"symbol": "EURUSD", "timeframe": "M1", "limit": 10_001}, "limit"),
+    ],
+)
+async def test_get_indicators_bad_request_names_field(trio: Trio, bad: dict[str, Any], field: str) -> None:
+    _, _, indicators = trio
+    async with grpc.aio.insecure_channel(indicators.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.IndicatorsServiceStub(channel).GetIndicators(
+                pb.GetIndicatorsRequest(**bad), metadata=(("x-api-key", API_KEY),)
+            )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (info.value.details() or "")
