@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import math
 import pathlib
 import random
@@ -15,7 +16,7 @@ import pytest
 import talib
 from mt5.indicators.v1 import indicators_service_pb2 as pb
 from mt5.indicators.v1 import indicators_service_pb2_grpc as pb_grpc
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from services.common import db
 from services.common.schema import INDICATOR_NAMES, agg_candles, ind_log, ind_values
@@ -118,6 +119,19 @@ async def test_indicators_equal_talib_batch_over_every_timeframe(trio: Trio, dat
     assert len(expected) == len(reference(ticks))
     assert stored == expected  # bit for bit; None exactly where TA-Lib gives NaN
     assert log_duplicates(database_url) == 0
+    # The seed's wide table: every final candle with its indicators.
+    engine = db.create_db_engine(database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT timeframe, ts, close, rsi, bb_lower FROM market_data WHERE symbol = 'EURUSD'")
+        )
+        # Through a view the ts column has no SQLAlchemy type: SQLite gives its text, PostgreSQL a datetime.
+        wide: dict[tuple[str, object], tuple[float | None, float | None]] = {
+            (r.timeframe, _utc(r.ts)): (r.rsi, r.bb_lower) for r in rows
+        }
+    engine.dispose()
+    assert len(wide) == len(expected)
+    assert all(wide[key] == (v[0], v[7]) for key, v in expected.items())
 
 
 async def test_indicators_killed_at_random_moments_warm_restart_loses_and_duplicates_nothing(
@@ -193,3 +207,8 @@ async def test_get_indicators_bad_request_names_field(trio: Trio, bad: dict[str,
             )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in (info.value.details() or "")
+
+
+def _utc(value: dt.datetime | str) -> dt.datetime:
+    parsed = dt.datetime.fromisoformat(value) if isinstance(value, str) else value
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)

@@ -44,11 +44,20 @@ K8S_VERSIONS = ("1.32.0", None)
 
 Manifest = dict[str, Any]
 
+# The generated part of a pod name that is not a StatefulSet's (ReplicaSet hash, random suffix):
+# what the downward API's metadata.name gives such a pod, for the env checks.
+SAMPLE_POD_SUFFIX = "7d4b9c8f6d-x2k9p"
+
 SERVICES = ("ingest", "aggregator", "indicators", "inference")
 GRPC_PORTS = {"ingest": 50051, "aggregator": 50052, "indicators": 50053, "inference": 50054}
 METRICS_PORTS = {"ingest": 9101, "aggregator": 9102, "indicators": 9103, "inference": 9104}
 HPA_TARGETS = ("gateway", "ingest", "inference")
-ONE_WRITER_STAGES = ("aggregator", "indicators")
+# Stages with one writer that are not sharded yet: one pod, Recreate (indicators' sharding comes with
+# its issue). The aggregator is sharded: a StatefulSet, one pod per shard.
+ONE_WRITER_STAGES = ("indicators",)
+SHARDS = {"dev": 1, "staging": 2, "production": 3}
+# How often a shard looks for the bars other shards committed (k8s/base/aggregator.yaml).
+SHARD_FEED_POLL_SECONDS = 0.2
 LOG_LEVELS = {"dev": "DEBUG", "staging": "INFO", "production": "WARNING"}
 MIN_REPLICAS = {"dev": 1, "staging": 2, "production": 3}
 POD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
@@ -374,10 +383,28 @@ def decoded_secret(r: Rendered, name: str) -> dict[str, str]:
     return {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
 
 
+def pod_names(doc: Manifest) -> list[str]:
+    """The names a workload's pods get: ``<name>-<ordinal>`` for each replica of a StatefulSet, else a sample.
+
+    A StatefulSet scaled to 0 still gets its first name, so that its template is checked.
+    """
+    name = str(doc["metadata"]["name"])
+    if doc["kind"] == "StatefulSet":
+        return [f"{name}-{k}" for k in range(max(1, int(doc["spec"].get("replicas", 1))))]
+    return [f"{name}-{SAMPLE_POD_SUFFIX}"]
+
+
+def downward_value(r: Rendered, field_path: str, pod_name: str) -> str:
+    """What the downward API gives a pod named ``pod_name`` for a fieldRef (a stand-in for the others)."""
+    return {"metadata.name": pod_name, "metadata.namespace": r.namespace}.get(
+        field_path, "from-the-downward-api"
+    )
+
+
 def container_env(
-    r: Rendered, container: Manifest
+    r: Rendered, container: Manifest, pod_name: str
 ) -> tuple[dict[str, str], list[str], dict[str, tuple[str, str]]]:
-    """The environment the kubelet would give a container: values after $(VAR) expansion.
+    """The environment the kubelet would give a container of pod ``pod_name``, after $(VAR) expansion.
 
     Also returns the problems found on the way (a reference to an undefined variable) and, for
     each variable, where a secret-backed value came from (Secret name, key).
@@ -406,6 +433,8 @@ def container_env(
         elif "configMapKeyRef" in var["valueFrom"]:
             ref = var["valueFrom"]["configMapKeyRef"]
             env[name] = r.one("ConfigMap", ref["name"])["data"][ref["key"]]
+        elif "fieldRef" in var["valueFrom"]:
+            env[name] = downward_value(r, var["valueFrom"]["fieldRef"]["fieldPath"], pod_name)
         else:
             env[name] = "from-the-downward-api"
     return env, problems, from_secret
@@ -444,23 +473,27 @@ def env_problems(r: Rendered, doc: Manifest, tmp: pathlib.Path) -> list[str]:
     recording mapping), apart from names the OpenTelemetry SDK reads and secret-backed helper variables
     that only feed another variable through $(VAR). The config must load from them, listen on all
     interfaces on the container's gRPC port, export metrics on its metrics port, reach PostgreSQL, and
-    name peers that exist as Services.
+    name peers that exist as Services. The downward API's ``metadata.name`` is each pod's own name, so
+    a StatefulSet's config must load in every one of its pods (an aggregator shard takes its index
+    from its ordinal).
     """
     template = pod_template(doc)
     assert template is not None
     problems: list[str] = []
     for container in template["spec"]["containers"]:
         name = container["name"]
-        env, expansion_problems, from_secret = container_env(r, container)
-        problems += expansion_problems
-        if name in CONFIG_READERS:
-            problems += python_env_problems(r, template, container, env, from_secret, tmp)
-        elif name in IMAGE_ENV:
-            unknown = set(env) - IMAGE_ENV[name]
-            problems += [f"{name}: {v} is not read by its image" for v in sorted(unknown)]
-        else:
-            problems += script_env_problems(r, template, container, env)
-    return problems
+        for pod in pod_names(doc):
+            env, expansion_problems, from_secret = container_env(r, container, pod)
+            problems += expansion_problems
+            if name in CONFIG_READERS:
+                problems += python_env_problems(r, template, container, env, from_secret, tmp)
+            elif name in IMAGE_ENV:
+                unknown = set(env) - IMAGE_ENV[name]
+                problems += [f"{name}: {v} is not read by its image" for v in sorted(unknown)]
+            else:
+                problems += script_env_problems(r, template, container, env)
+    # Pods of one workload mostly share their problems: each once.
+    return list(dict.fromkeys(problems))
 
 
 def python_env_problems(
@@ -868,16 +901,20 @@ def test_env_check_every_python_container_has_config_reader(rendered: dict[str, 
     assert set(CONFIG_READERS) <= names
 
 
-def service_deployment(r: Rendered, name: str) -> Manifest:
-    """A deep copy of a rendered Deployment, to mutate in a negative test."""
-    return copy.deepcopy(r.one("Deployment", name))
+def service_workload(r: Rendered, name: str) -> Manifest:
+    """A deep copy of a service's rendered Deployment or StatefulSet, to mutate in a negative test."""
+    found = [
+        d for d in r.docs if d["kind"] in ("Deployment", "StatefulSet") and d["metadata"]["name"] == name
+    ]
+    assert len(found) == 1, f"{r.overlay}: expected one Deployment or StatefulSet {name}, found {len(found)}"
+    return copy.deepcopy(found[0])
 
 
 def test_env_policy_misspelt_variable_is_reported(
     rendered: dict[str, Rendered], tmp_path: pathlib.Path
 ) -> None:
     r = rendered["dev"]
-    doc = service_deployment(r, "ingest")
+    doc = service_workload(r, "ingest")
     env = doc["spec"]["template"]["spec"]["containers"][0]["env"]
     env.append({"name": "INGEST_MESH_PEER", "value": "aggregator=aggregator:50052"})
     assert any(
@@ -889,17 +926,30 @@ def test_env_policy_loopback_listen_address_is_reported(
     rendered: dict[str, Rendered], tmp_path: pathlib.Path
 ) -> None:
     r = rendered["dev"]
-    doc = service_deployment(r, "aggregator")
+    doc = service_workload(r, "aggregator")
     env = doc["spec"]["template"]["spec"]["containers"][0]["env"]
     next(v for v in env if v["name"] == "AGGREGATOR_LISTEN")["value"] = "127.0.0.1:50052"
     assert any("unreachable from other pods" in p for p in env_problems(r, doc, tmp_path))
+
+
+def test_env_policy_statefulset_pod_beyond_shard_count_is_reported(
+    rendered: dict[str, Rendered], tmp_path: pathlib.Path
+) -> None:
+    # Each pod's own name reaches its config: the third pod of a two-shard set has no shard.
+    r = rendered["staging"]
+    doc = service_workload(r, "aggregator")
+    assert env_problems(r, doc, tmp_path) == []
+    doc["spec"]["replicas"] = 3
+    assert any(
+        "its config does not load" in p and "'aggregator-2'" in p for p in env_problems(r, doc, tmp_path)
+    )
 
 
 def test_env_policy_unmounted_api_key_file_is_reported(
     rendered: dict[str, Rendered], tmp_path: pathlib.Path
 ) -> None:
     r = rendered["dev"]
-    doc = service_deployment(r, "inference")
+    doc = service_workload(r, "inference")
     doc["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = [
         {"name": "tmp", "mountPath": "/tmp"}  # noqa: S108 - a path inside the pod
     ]
@@ -1112,6 +1162,180 @@ def test_overlay_mesh_images_same_release_tag(rendered: dict[str, Rendered]) -> 
 
 
 # ---------------------------------------------------------------------------------------------
+# Aggregator shards
+# ---------------------------------------------------------------------------------------------
+
+
+def env_var(container: Manifest, name: str) -> Manifest | None:
+    """A container's env entry of that name, or None."""
+    return next((v for v in container.get("env", []) if v["name"] == name), None)
+
+
+def shard_problems(r: Rendered, doc: Manifest) -> list[str]:
+    """Everything that keeps the aggregator's object from running each shard exactly once.
+
+    A StatefulSet (at most one pod per shard identity, even during a rolling update) of Parallel pods
+    under the headless Service it names; AGGREGATOR_SHARD_COUNT equal to its replicas and
+    AGGREGATOR_SHARD_INDEX from the pod's name, so that its pods' indices, as the service's own config
+    reads them, are exactly 0 … N-1 of N; the 0.2 s feed poll; no HPA (scaling is resharding) and a
+    PodDisruptionBudget of one.
+    """
+    name = str(doc["metadata"]["name"])
+    where = f"{doc['kind']}/{name}"
+    if doc["kind"] != "StatefulSet":
+        return [f"{where}: is not a StatefulSet (a pod per shard, never two of one shard)"]
+    spec = doc["spec"]
+    problems: list[str] = []
+    if spec.get("podManagementPolicy") != "Parallel":
+        problems.append(f"{where}: podManagementPolicy is not Parallel")
+    if spec.get("updateStrategy", {}).get("type", "RollingUpdate") != "RollingUpdate":
+        problems.append(f"{where}: updateStrategy is not RollingUpdate")
+    services = [
+        d for d in r.docs if d["kind"] == "Service" and d["metadata"]["name"] == spec.get("serviceName")
+    ]
+    if not services or services[0]["spec"].get("clusterIP") != "None":
+        problems.append(f"{where}: serviceName {spec.get('serviceName')} is no headless Service")
+    replicas = int(spec.get("replicas", 1))
+    container = next(c for c in spec["template"]["spec"]["containers"] if c["name"] == "aggregator")
+    count = (env_var(container, "AGGREGATOR_SHARD_COUNT") or {}).get("value")
+    if count != str(replicas):
+        problems.append(f"{where}: AGGREGATOR_SHARD_COUNT is {count!r} but replicas is {replicas}")
+    index = env_var(container, "AGGREGATOR_SHARD_INDEX") or {}
+    if index.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "metadata.name":
+        problems.append(f"{where}: AGGREGATOR_SHARD_INDEX is {index}, not the pod's metadata.name")
+    layouts = set()
+    for pod in pod_names(doc):
+        env = container_env(r, container, pod)[0]
+        # A stand-in key: the key file is checked by env_problems, the shard settings here.
+        env.pop("MT5MESH_API_KEY_FILE", None)
+        env["MT5MESH_API_KEY"] = "k" * 16
+        try:
+            config = AggregatorConfig.from_env(env)
+        except ValueError as exc:
+            problems.append(f"{where}: pod {pod}: its config does not load: {exc}")
+            continue
+        layouts.add((config.shard_index, config.shard_count))
+        if config.feed_poll_seconds != SHARD_FEED_POLL_SECONDS:
+            problems.append(f"{where}: pod {pod}: AGGREGATOR_FEED_POLL_SECONDS is {config.feed_poll_seconds}")
+    if layouts and layouts != {(k, replicas) for k in range(replicas)}:
+        problems.append(
+            f"{where}: its pods run shards {sorted(layouts)}, not each of 0..{replicas - 1} of {replicas}"
+        )
+    if any(
+        d["kind"] == "HorizontalPodAutoscaler" and d["spec"]["scaleTargetRef"]["name"] == name for d in r.docs
+    ):
+        problems.append(f"{where}: an HPA scales it (changing the shard count is resharding)")
+    budgets = [d for d in r.docs if d["kind"] == "PodDisruptionBudget" and d["metadata"]["name"] == name]
+    if (
+        not budgets
+        or budgets[0]["spec"].get("maxUnavailable") != 1
+        or budgets[0]["spec"]["selector"] != spec["selector"]
+    ):
+        problems.append(f"{where}: no PodDisruptionBudget of maxUnavailable 1 selecting its pods")
+    return problems
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_aggregator_statefulset_shard_count_equals_replicas(
+    rendered: dict[str, Rendered], overlay: str
+) -> None:
+    r = rendered[overlay]
+    assert not [d for d in r.docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "aggregator"]
+    statefulset = r.one("StatefulSet", "aggregator")
+    assert statefulset["spec"]["replicas"] == SHARDS[overlay]
+    container = statefulset["spec"]["template"]["spec"]["containers"][0]
+    assert env_var(container, "AGGREGATOR_SHARD_COUNT") == {
+        "name": "AGGREGATOR_SHARD_COUNT",
+        "value": str(SHARDS[overlay]),
+    }
+    assert shard_problems(r, statefulset) == []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_aggregator_shard_index_from_pod_name_each_pod_own_shard(
+    rendered: dict[str, Rendered], overlay: str, tmp_path: pathlib.Path
+) -> None:
+    r = rendered[overlay]
+    statefulset = r.one("StatefulSet", "aggregator")
+    container = statefulset["spec"]["template"]["spec"]["containers"][0]
+    assert env_var(container, "AGGREGATOR_SHARD_INDEX") == {
+        "name": "AGGREGATOR_SHARD_INDEX",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+    }
+    assert pod_names(statefulset) == [f"aggregator-{k}" for k in range(SHARDS[overlay])]
+    key_file = tmp_path / "api-keys"
+    key_file.write_text(r.secret_values["api-keys"], encoding="utf-8")
+    for k, pod in enumerate(pod_names(statefulset)):
+        env = container_env(r, container, pod)[0]
+        config = AggregatorConfig.from_env({**env, "MT5MESH_API_KEY_FILE": str(key_file)})
+        assert (config.shard_index, config.shard_count) == (k, SHARDS[overlay])
+
+
+def scale_to(doc: Manifest, replicas: int) -> None:
+    """What ``kubectl scale`` (or an overlay's count without the replacement) does: replicas alone."""
+    doc["spec"]["replicas"] = replicas
+
+
+def set_env(doc: Manifest, name: str, entry: Manifest) -> None:
+    """Replace the aggregator container's env entry ``name``."""
+    env = doc["spec"]["template"]["spec"]["containers"][0]["env"]
+    env[next(i for i, v in enumerate(env) if v["name"] == name)] = {"name": name, **entry}
+
+
+@pytest.mark.parametrize(
+    ("mutation", "expected"),
+    [
+        (lambda d: scale_to(d, 3), "AGGREGATOR_SHARD_COUNT is '2' but replicas is 3"),
+        (lambda d: set_env(d, "AGGREGATOR_SHARD_COUNT", {"value": "3"}), "but replicas is 2"),
+        (lambda d: set_env(d, "AGGREGATOR_SHARD_INDEX", {"value": "0"}), "not the pod's metadata.name"),
+        (lambda d: set_env(d, "AGGREGATOR_SHARD_INDEX", {"value": "0"}), "not each of 0..1 of 2"),
+        (lambda d: set_env(d, "AGGREGATOR_FEED_POLL_SECONDS", {"value": "1.0"}), "FEED_POLL_SECONDS is 1.0"),
+        (lambda d: d["spec"].pop("podManagementPolicy"), "not Parallel"),
+        (lambda d: d["spec"].update(serviceName="aggregator-shards"), "no headless Service"),
+        (lambda d: d.update(kind="Deployment"), "is not a StatefulSet"),
+    ],
+    ids=[
+        "replicas-drifted",
+        "count-drifted",
+        "fixed-index",
+        "one-shard-twice",
+        "slow-poll",
+        "ordered-ready",
+        "no-service",
+        "deployment",
+    ],
+)
+def test_aggregator_shard_policy_bad_statefulset_is_reported(
+    rendered: dict[str, Rendered], mutation: Callable[[Manifest], object], expected: str
+) -> None:
+    r = rendered["staging"]
+    bad = service_workload(r, "aggregator")
+    assert shard_problems(r, bad) == []
+    mutation(bad)
+    problems = shard_problems(r, bad)
+    assert any(expected in p for p in problems), problems
+
+
+def test_aggregator_overlay_without_count_replacement_drift_is_reported(tmp_path: pathlib.Path) -> None:
+    # The overlay's replacement is what keeps the count and the replicas together: without it the
+    # staging overlay renders 2 pods that each believe there is 1 shard.
+    k8s = tmp_path / "k8s"
+    shutil.copytree(K8S, k8s, ignore=shutil.ignore_patterns("secrets.env"))
+    overlay = k8s / "overlays" / "staging"
+    values = throwaway_secrets()
+    (overlay / "secrets.env").write_text("".join(f"{k}={v}\n" for k, v in values.items()), encoding="utf-8")
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text(encoding="utf-8"))
+    assert kustomization.pop("replacements")
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization), encoding="utf-8")
+    r = Rendered("staging", overlay, render(overlay), values)
+    statefulset = r.one("StatefulSet", "aggregator")
+    assert statefulset["spec"]["replicas"] == SHARDS["staging"]
+    problems = shard_problems(r, statefulset)
+    assert any("AGGREGATOR_SHARD_COUNT is '1' but replicas is 2" in p for p in problems), problems
+    assert any("aggregator-1" in p and "does not load" in p for p in problems), problems
+
+
+# ---------------------------------------------------------------------------------------------
 # Network policies
 # ---------------------------------------------------------------------------------------------
 
@@ -1294,3 +1518,6 @@ def test_readme_deploy_and_restore_commands_documented() -> None:
     assert "create job --from=cronjob/db-restore" in readme
     assert "create job --from=cronjob/db-backup" in readme
     assert "secrets.env.example" in readme
+    assert "scale statefulset/aggregator --replicas=0" in readme
+    assert "mt5mesh up --shards 2" in readme
+    assert "tests/integration/test_aggregator_shards.py" in readme
