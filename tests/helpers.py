@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import os
 import pathlib
+import random
 import secrets
 import shutil
 import signal
@@ -46,6 +47,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_port_block(offsets: range) -> int:
+    """A base port such that base + every offset is free now, below the kernel's ephemeral range
+    (so that no client socket of another test takes one of them before the server binds it)."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20_000, 30_000)
+        try:
+            for offset in offsets:
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", base + offset))
+        except OSError:
+            continue
+        return base
+    raise AssertionError("no free block of ports found")
 
 
 def sqlite_url(directory: pathlib.Path) -> str:

@@ -61,17 +61,5 @@ class AggregatorConfig:
             feed_page_size=envreader.get_int(env, "AGGREGATOR_FEED_PAGE_SIZE", 1000, minimum=1),
             feed_poll_seconds=envreader.get_float(env, "AGGREGATOR_FEED_POLL_SECONDS", 1.0, minimum=0.01),
             shard_count=count,
-            shard_index=_shard_index(env, count),
+            shard_index=envreader.get_shard_index(env, "AGGREGATOR_SHARD_INDEX", count),
         )
-
-
-def _shard_index(env: Mapping[str, str], count: int) -> int:
-    """``AGGREGATOR_SHARD_INDEX``: a number, or a StatefulSet pod name whose ordinal is the index."""
-    raw = envreader.get_str(env, "AGGREGATOR_SHARD_INDEX", "0")
-    ordinal = raw.rsplit("-", 1)[-1]
-    if not ordinal.isdigit() or int(ordinal) >= count:
-        raise envreader.ConfigError(
-            f"AGGREGATOR_SHARD_INDEX must be a shard number below AGGREGATOR_SHARD_COUNT ({count}) "
-            f"or a pod name ending in one, got {raw!r}"
-        )
-    return int(ordinal)

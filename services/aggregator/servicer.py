@@ -14,7 +14,7 @@ from services.aggregator.stage import AggregationStage
 from services.common.errors import abort_invalid
 from services.common.feed import SubscriberSlots
 from services.common.live import SubscriberTooSlow
-from services.common.market import SYMBOL_PATTERN, Timeframe
+from services.common.market import SYMBOL_PATTERN, Timeframe, shard_of
 from services.common.validation import FieldViolation
 
 MAX_LIMIT = 10_000
@@ -36,12 +36,21 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             timeframes = [Timeframe(v) for v in request.timeframes]
         except ValueError:
             await abort_invalid(context, [FieldViolation("timeframes", "unknown timeframe")])
+        count, index = request.shard_count, request.shard_index
+        if count > 1 and index >= count:
+            await abort_invalid(
+                context, [FieldViolation("shard_index", f"must be below shard_count ({count})")]
+            )
         with self._slots.take() as admitted:
             if not admitted:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many subscribers; retry later")
             try:
                 async for cursor, bar in self._stage.candles(
-                    request.from_cursor, list(request.symbols), timeframes, request.include_forming
+                    request.from_cursor,
+                    list(request.symbols),
+                    timeframes,
+                    request.include_forming,
+                    lambda symbol: shard_of(symbol, count) == index if count > 1 else True,
                 ):
                     yield pb.SubscribeCandlesResponse(cursor=cursor, bar=convert.bar_to_pb(bar))
             except SubscriberTooSlow:

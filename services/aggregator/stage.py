@@ -241,7 +241,12 @@ class AggregationStage:
     # --- feed -----------------------------------------------------------------------------------
 
     def candles(
-        self, cursor: int, symbols: Sequence[str], timeframes: Sequence[Timeframe], include_forming: bool
+        self,
+        cursor: int,
+        symbols: Sequence[str],
+        timeframes: Sequence[Timeframe],
+        include_forming: bool,
+        owns: Callable[[str], bool] = lambda _symbol: True,
     ) -> AsyncIterator[tuple[int, Bar]]:
         """Final bar versions after ``cursor`` (stored, then live), with forming bars when asked.
 
@@ -252,7 +257,11 @@ class AggregationStage:
             return await asyncio.to_thread(self._store.candles_after, after, symbols, timeframes, limit)
 
         def wants(bar: Bar) -> bool:
-            return (not symbols or bar.symbol in symbols) and (not timeframes or bar.timeframe in timeframes)
+            return (
+                (not symbols or bar.symbol in symbols)
+                and (not timeframes or bar.timeframe in timeframes)
+                and owns(bar.symbol)
+            )
 
         pages = follow(
             read,

@@ -80,3 +80,15 @@ def get_secret_list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
             raise ConfigError(f"{name}_FILE={file_name} cannot be read: {exc.strerror}") from None
         values.extend(text.replace("\n", ",").split(","))
     return tuple(v.strip() for v in values if v.strip())
+
+
+def get_shard_index(env: Mapping[str, str], name: str, count: int) -> int:
+    """A shard number below ``count``, given as a number or a StatefulSet pod name ending in ``-<n>``."""
+    raw = get_str(env, name, "0")
+    ordinal = raw.rsplit("-", 1)[-1]
+    if not ordinal.isdigit() or int(ordinal) >= count:
+        raise ConfigError(
+            f"{name} must be a shard number below the shard count ({count}) "
+            f"or a pod name ending in one, got {raw!r}"
+        )
+    return int(ordinal)

@@ -70,6 +70,9 @@ async def merge_live(
 ) -> AsyncIterator[tuple[int, T]]:
     """Durable pages, interleaved with live items when ``fanout`` is given, as (cursor, item).
 
+    ``wants`` filters both kinds (durable pages may hold items the subscriber skips, e.g. other
+    shards' symbols; the cursor still moves past them).
+
     ``current`` gives the live items that exist at subscription time (e.g. the bars forming now).
     Raises ``SubscriberTooSlow`` when the subscriber's live queue overflowed.
     """
@@ -92,7 +95,8 @@ async def merge_live(
             if next_page in done:
                 for entry in next_page.result():
                     cursor, item = unpack(entry)
-                    yield cursor, item
+                    if wants(item):
+                        yield cursor, item
                 next_page = asyncio.ensure_future(anext(pages))
             if next_live is not None and next_live in done:
                 yield cursor, next_live.result()

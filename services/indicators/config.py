@@ -25,10 +25,14 @@ class IndicatorsConfig:
     forming_queue: int
     feed_page_size: int
     feed_poll_seconds: float
+    shard_count: int
+    shard_index: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> IndicatorsConfig:
         """Read ``INDICATORS_*`` and the shared variables."""
+        # Shard k of N owns the symbols whose CRC-32 modulo N is k (services.common.market.shard_of).
+        count = envreader.get_int(env, "INDICATORS_SHARD_COUNT", 1, minimum=1)
         return cls(
             runtime=RuntimeConfig.from_env(
                 env,
@@ -51,4 +55,6 @@ class IndicatorsConfig:
             forming_queue=envreader.get_int(env, "INDICATORS_FORMING_QUEUE", 10_000, minimum=1),
             feed_page_size=envreader.get_int(env, "INDICATORS_FEED_PAGE_SIZE", 1000, minimum=1),
             feed_poll_seconds=envreader.get_float(env, "INDICATORS_FEED_POLL_SECONDS", 1.0, minimum=0.01),
+            shard_count=count,
+            shard_index=envreader.get_shard_index(env, "INDICATORS_SHARD_INDEX", count),
         )

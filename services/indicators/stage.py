@@ -23,12 +23,12 @@ from mt5.market.v1 import market_pb2
 from services.aggregator.bars import Bar, BarSource
 from services.common.feed import CommitSignal, follow
 from services.common.live import LiveFanout, merge_live
-from services.common.market import Timeframe
+from services.common.market import Timeframe, shard_of
 from services.common.protoconv import micros
 from services.indicators import metrics
 from services.indicators.config import IndicatorsConfig
 from services.indicators.engine import IndicatorEngine, IndicatorValues, NeedsHistory
-from services.indicators.store import IndicatorStore, IndicatorWork, LoggedValues
+from services.indicators.store import CANDLES_FEED, IndicatorStore, IndicatorWork, LoggedValues
 
 logger = logging.getLogger(__name__)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -66,16 +66,28 @@ class IndicatorStage:
         self.engine = IndicatorEngine(config.settings)
         self.committed = CommitSignal()
         self.forming = LiveFanout[IndicatorValues](config.forming_queue)
-        self._pending = IndicatorWork()
+        sharded = config.shard_count > 1
+        self._feed_key = (
+            f"{CANDLES_FEED}@{config.shard_index}/{config.shard_count}" if sharded else CANDLES_FEED
+        )
+        self._pending = IndicatorWork(feed=self._feed_key)
         self._work_ready = asyncio.Event()
         self._cursor = 0
 
+    def owns(self, symbol: str) -> bool:
+        """Whether this shard handles the symbol."""
+        return shard_of(symbol, self._config.shard_count) == self._config.shard_index
+
     async def restore(self) -> None:
-        """Warm every stored series from the aggregator's final bars, and take the committed cursor."""
-        self._cursor = await asyncio.to_thread(self._store.cursor)
+        """Warm this shard's stored series from the aggregator's final bars; take the committed cursor."""
+        stored = await asyncio.to_thread(self._store.cursors)
+        # A new shard layout starts from the oldest cursor any earlier layout reached; bars it has
+        # already published come back with the same revision and values and are not logged again.
+        earlier = [c for k, c in stored.items() if k == CANDLES_FEED or k.startswith(f"{CANDLES_FEED}@")]
+        self._cursor = stored.get(self._feed_key, min(earlier, default=0))
         for symbol, timeframe, last in await asyncio.to_thread(self._store.series):
-            bars = await self._stored_bars(symbol, timeframe, until=last)
-            self.engine.warm(symbol, timeframe, bars)
+            if self.owns(symbol):
+                self.engine.warm(symbol, timeframe, await self._stored_bars(symbol, timeframe, until=last))
         logger.info("indicators warm; resuming the candle feed after cursor %d", self._cursor)
 
     async def _stored_bars(
@@ -110,7 +122,12 @@ class IndicatorStage:
         backoff = 0.1
         while True:
             try:
-                request = agg_pb.SubscribeCandlesRequest(from_cursor=self._cursor, include_forming=True)
+                request = agg_pb.SubscribeCandlesRequest(
+                    from_cursor=self._cursor,
+                    include_forming=True,
+                    shard_count=self._config.shard_count,
+                    shard_index=self._config.shard_index,
+                )
                 async for item in self._aggregator.SubscribeCandles(request):
                     await self._apply(item)
                     backoff = 0.1
@@ -141,7 +158,7 @@ class IndicatorStage:
         while True:
             await self._work_ready.wait()
             self._work_ready.clear()
-            work, self._pending = self._pending, IndicatorWork()
+            work, self._pending = self._pending, IndicatorWork(feed=self._feed_key)
             if not work:
                 continue
             delay = 0.1

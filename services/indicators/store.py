@@ -24,6 +24,7 @@ class IndicatorWork:
 
     values: list[IndicatorValues] = dataclasses.field(default_factory=list)
     cursor: int | None = None
+    feed: str = CANDLES_FEED  # the cursor's key: one per shard layout ("candles@k/N")
 
     def __bool__(self) -> bool:
         return bool(self.values) or self.cursor is not None
@@ -74,15 +75,12 @@ class IndicatorStore:
                 stmt = stmt.on_conflict_do_update(
                     index_elements=["feed"], set_={"cursor": stmt.excluded.cursor}
                 )
-                conn.execute(stmt, [{"feed": CANDLES_FEED, "cursor": work.cursor}])
+                conn.execute(stmt, [{"feed": work.feed, "cursor": work.cursor}])
 
-    def cursor(self) -> int:
-        """The committed input cursor (0 when none)."""
+    def cursors(self) -> dict[str, int]:
+        """Every committed input cursor, by key."""
         with self._engine.connect() as conn:
-            value = conn.execute(
-                select(ind_cursors.c.cursor).where(ind_cursors.c.feed == CANDLES_FEED)
-            ).scalar()
-        return int(value or 0)
+            return {r.feed: r.cursor for r in conn.execute(select(ind_cursors))}
 
     def series(self) -> list[tuple[str, Timeframe, dt.datetime]]:
         """Every (symbol, timeframe) with stored values, and the time of its last value."""

@@ -38,6 +38,7 @@ from services.mesh.supervisor import Child, Supervisor
 logger = logging.getLogger(__name__)
 
 SERVICES = ("ingest", "aggregator", "indicators", "inference")
+SHARDED = ("aggregator", "indicators")  # stateful per symbol
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DESCRIPTOR = REPO_ROOT / "gen" / "mt5mesh.binpb"
 
@@ -72,10 +73,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"API key ({origin}): {key}", flush=True)
     db.migrate(db.create_db_engine(args.database_url))
     ports = {name: args.base_port + i + 1 for i, name in enumerate(SERVICES)}
-    # Aggregator shard k listens on its base port + 10 k (shard 0 on the usual port).
-    shard_ports = [ports["aggregator"] + 10 * k for k in range(args.shards)]
-    upstreams: dict[str, Any] = {name: ("127.0.0.1", port) for name, port in ports.items()}
-    upstreams["aggregator"] = [("127.0.0.1", port) for port in shard_ports]
+    # The stateful stages run in shards; shard k of a stage listens on its port + 10 k.
+    shard_ports = {
+        name: [port + 10 * k for k in range(args.shards if name in SHARDED else 1)]
+        for name, port in ports.items()
+    }
+    upstreams: dict[str, Any] = {name: [("127.0.0.1", port) for port in shard_ports[name]] for name in ports}
     settings = GatewaySettings(
         listen_port=args.gateway_port,
         admin_port=args.admin_port,
@@ -86,12 +89,25 @@ def cmd_up(args: argparse.Namespace) -> int:
     common = {"MT5MESH_API_KEY": key, "DATABASE_URL": args.database_url, "LOG_LEVEL": args.log_level}
     if args.otlp_endpoint:
         common["OTEL_EXPORTER_OTLP_ENDPOINT"] = args.otlp_endpoint
-    peers = {n: p for n, p in ports.items() if n not in ("ingest", "aggregator")}
-    peers |= {f"aggregator-{k}" if args.shards > 1 else "aggregator": p for k, p in enumerate(shard_ports)}
+    labels = {
+        (name, k): f"{name}-{k}" if len(shard_ports[name]) > 1 else name
+        for name in SERVICES
+        for k in range(len(shard_ports[name]))
+    }
+    peers = ",".join(
+        f"{labels[(n, k)]}=127.0.0.1:{p}"
+        for n in SERVICES
+        if n != "ingest"
+        for k, p in enumerate(shard_ports[n])
+    )
+    # Downstream stages may follow any shard of their upstream: every shard serves the whole feed.
+    upstream_of = {
+        "aggregator": ("AGGREGATOR_INGEST_ADDRESS", "ingest"),
+        "indicators": ("INDICATORS_AGGREGATOR_ADDRESS", "aggregator"),
+    }
     children = []
     for i, name in enumerate(SERVICES):
-        for shard in range(args.shards if name == "aggregator" else 1):
-            port = shard_ports[shard] if name == "aggregator" else ports[name]
+        for shard, port in enumerate(shard_ports[name]):
             metrics = args.metrics_base_port + i + 1 + 10 * shard if args.metrics_base_port else 0
             env = {
                 **common,
@@ -100,18 +116,22 @@ def cmd_up(args: argparse.Namespace) -> int:
                 "OTEL_SERVICE_NAME": name,
             }
             if name == "ingest":
-                env["INGEST_MESH_PEERS"] = ",".join(f"{n}=127.0.0.1:{p}" for n, p in peers.items())
-            if name == "indicators":
-                env["INDICATORS_AGGREGATOR_ADDRESS"] = f"127.0.0.1:{shard_ports[0]}"
-            if name == "aggregator":
+                env["INGEST_MESH_PEERS"] = peers
+            if name in upstream_of:
+                variable, upstream = upstream_of[name]
+                env[variable] = f"127.0.0.1:{shard_ports[upstream][0]}"
+            if name in SHARDED:
                 env |= {
-                    "AGGREGATOR_INGEST_ADDRESS": f"127.0.0.1:{ports['ingest']}",
-                    "AGGREGATOR_SHARD_COUNT": str(args.shards),
-                    "AGGREGATOR_SHARD_INDEX": str(shard),
+                    f"{name.upper()}_SHARD_COUNT": str(args.shards),
+                    f"{name.upper()}_SHARD_INDEX": str(shard),
                 }
-            label = f"{name}-{shard}" if name == "aggregator" and args.shards > 1 else name
             children.append(
-                Child(label, [sys.executable, "-m", f"services.{name}"], env, grpc_health=f"127.0.0.1:{port}")
+                Child(
+                    labels[(name, shard)],
+                    [sys.executable, "-m", f"services.{name}"],
+                    env,
+                    grpc_health=f"127.0.0.1:{port}",
+                )
             )
     children.append(
         Child(
@@ -244,7 +264,10 @@ def build_parser(config: MeshConfig) -> argparse.ArgumentParser:
     )
     up.add_argument("--log-level", default="INFO")
     up.add_argument(
-        "--shards", type=int, default=1, help="aggregator shards (each owns a share of the symbols)"
+        "--shards",
+        type=int,
+        default=1,
+        help="shards of the aggregator and of indicators (each owns a share of the symbols)",
     )
     up.set_defaults(func=cmd_up)
     migrate = sub.add_parser("migrate", help="apply database migrations")

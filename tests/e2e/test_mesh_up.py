@@ -19,15 +19,16 @@ from mt5.market.v1 import market_pb2
 
 from services.common.protoconv import timestamp
 from services.ingest.client import TickStreamer
-from tests.helpers import REPO, SEED_CANDLE, free_port, wait_until
+from tests.helpers import REPO, SEED_CANDLE, free_port, free_port_block, wait_until
 
 
 class MeshUp:
     """A running `mt5mesh up` and the lines it printed."""
 
-    def __init__(self, data_dir: pathlib.Path) -> None:
+    def __init__(self, data_dir: pathlib.Path, shards: int = 1) -> None:
         self.gateway_port = free_port()
         self.data_dir = data_dir
+        self.shards = shards
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MT5MESH_", "DATABASE_URL", "OTEL_"))}
         self.proc = subprocess.Popen(
             [
@@ -44,11 +45,13 @@ class MeshUp:
                 "--admin-port",
                 str(free_port()),
                 "--base-port",
-                str(free_port() + 10),
+                str(free_port_block(range(1, 5 + 10 * shards))),
                 "--metrics-base-port",
                 "0",
                 "--log-level",
                 "WARNING",
+                "--shards",
+                str(shards),
             ],
             cwd=REPO,
             env=env,
@@ -73,9 +76,9 @@ class MeshUp:
         return (self.data_dir / "api_key").read_text().strip()
 
 
-@pytest.fixture
-def mesh_up(tmp_path: pathlib.Path) -> Iterator[MeshUp]:
-    up = MeshUp(tmp_path / "data")
+@pytest.fixture(params=[1, 2], ids=["one-shard", "two-shards"])
+def mesh_up(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[MeshUp]:
+    up = MeshUp(tmp_path / "data", shards=request.param)
     yield up
     if up.proc.poll() is None:
         os.killpg(up.proc.pid, signal.SIGKILL)
@@ -138,7 +141,8 @@ def test_mesh_up_prints_ready_serves_seed_routes_and_grpc_then_stops_on_sigterm(
     assert bar["bar"]["candle"]["timeframe"] == "M1"
     assert bar["bar"]["final"] is True
     children = _children(mesh_up.proc.pid)
-    assert len(children) == 5
+    # Four services and Envoy; with two shards, a second aggregator and a second indicators process.
+    assert len(children) == 5 + 2 * (mesh_up.shards - 1)
     mesh_up.proc.send_signal(signal.SIGTERM)
     assert mesh_up.proc.wait(60) == 0
     wait_until(lambda: not any(_alive(pid) for pid in children), 10, what="children stopped")

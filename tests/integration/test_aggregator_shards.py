@@ -1,4 +1,5 @@
-"""Two aggregator shards: every symbol is handled by exactly one, and the bars equal a single run's."""
+"""Two shards of each stateful stage: every symbol is handled by exactly one shard of each, with the
+same bars and indicator values as a single run."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sqlalchemy import func, select
 
 from services.common import db
 from services.common.market import shard_of
-from services.common.schema import agg_candle_log, agg_candles
+from services.common.schema import agg_candle_log, agg_candles, ind_values
 from services.ingest.client import TickStreamer
 from tests.helpers import API_KEY, ServiceProcess, free_port, make_service, postgres_database
 from tests.market_data import make_ticks, reference, tick_batches
@@ -26,6 +27,7 @@ def sharded(tmp_path: pathlib.Path) -> Iterator[tuple[str, ServiceProcess, list[
     with postgres_database() as url:
         ingest = make_service("ingest", url, tmp_path).start()
         shards = []
+        indicators = []
         for index in range(2):
             metrics = free_port()
             shard = make_service(
@@ -42,10 +44,28 @@ def sharded(tmp_path: pathlib.Path) -> Iterator[tuple[str, ServiceProcess, list[
             )
             shard.log_path = tmp_path / f"aggregator-{index}.log"
             shards.append((shard.start(), metrics))
+        for index in range(2):
+            metrics = free_port()
+            ind = make_service(
+                "indicators",
+                url,
+                tmp_path,
+                {
+                    "INDICATORS_AGGREGATOR_ADDRESS": shards[1 - index][
+                        0
+                    ].address,  # any aggregator shard serves all
+                    "INDICATORS_SHARD_COUNT": "2",
+                    "INDICATORS_SHARD_INDEX": f"indicators-{index}",
+                    "INDICATORS_METRICS_PORT": str(metrics),
+                    "INDICATORS_FEED_POLL_SECONDS": "0.1",
+                },
+            )
+            ind.log_path = tmp_path / f"indicators-{index}.log"
+            indicators.append((ind.start(), metrics))
         try:
-            yield url, ingest, shards
+            yield url, ingest, shards + indicators
         finally:
-            for shard, _ in shards:
+            for shard, _ in shards + indicators:
                 shard.kill()
             ingest.kill()
 
@@ -65,15 +85,20 @@ def final_count(url: str, symbol: str) -> int:
         engine.dispose()
 
 
-async def ticks_counted(metrics_port: int) -> float:
+async def counted(metrics_port: int, metric: str) -> float:
     async with httpx.AsyncClient() as client:
         text = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
-    return sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == "mt5_aggregator_ticks_total"
-    )
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == metric)
+
+
+def indicator_rows(url: str, symbol: str) -> int:
+    engine = db.create_db_engine(url)
+    try:
+        with engine.connect() as conn:
+            query = select(func.count()).select_from(ind_values).where(ind_values.c.symbol == symbol)
+            return int(conn.execute(query).scalar_one())
+    finally:
+        engine.dispose()
 
 
 async def test_two_shards_each_symbol_handled_once_and_bars_equal_reference(
@@ -106,7 +131,15 @@ async def test_two_shards_each_symbol_handled_once_and_bars_equal_reference(
             == conn.execute(select(func.count()).select_from(agg_candle_log)).scalar_one()
         )
     engine.dispose()
-    # Each shard read exactly its own symbols' ticks.
-    for index, (_, metrics_port) in enumerate(shards):
+    # Each aggregator shard read exactly its own symbols' ticks.
+    for index, (_, metrics_port) in enumerate(shards[:2]):
         expected = sum(len(t) for s, t in data.items() if shard_of(s, 2) == index)
-        assert await ticks_counted(metrics_port) == expected
+        assert await counted(metrics_port, "mt5_aggregator_ticks_total") == expected
+    # Each indicators shard computed exactly its own symbols' values, one per final bar.
+    for _ in range(300):
+        if all(indicator_rows(url, s) == len(refs[s]) for s in SYMBOLS):
+            break
+        await asyncio.sleep(0.1)
+    for index, (_, metrics_port) in enumerate(shards[2:]):
+        expected = sum(len(refs[s]) for s in SYMBOLS if shard_of(s, 2) == index)
+        assert await counted(metrics_port, "mt5_indicators_values_total") == expected

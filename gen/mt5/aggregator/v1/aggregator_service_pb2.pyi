@@ -12,16 +12,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubscribeCandlesRequest(_message.Message):
-    __slots__ = ("symbols", "timeframes", "from_cursor", "include_forming")
+    __slots__ = ("symbols", "timeframes", "from_cursor", "include_forming", "shard_count", "shard_index")
     SYMBOLS_FIELD_NUMBER: _ClassVar[int]
     TIMEFRAMES_FIELD_NUMBER: _ClassVar[int]
     FROM_CURSOR_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_FORMING_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     symbols: _containers.RepeatedScalarFieldContainer[str]
     timeframes: _containers.RepeatedScalarFieldContainer[_market_pb2.Timeframe]
     from_cursor: int
     include_forming: bool
-    def __init__(self, symbols: _Optional[_Iterable[str]] = ..., timeframes: _Optional[_Iterable[_Union[_market_pb2.Timeframe, str]]] = ..., from_cursor: _Optional[int] = ..., include_forming: _Optional[bool] = ...) -> None: ...
+    shard_count: int
+    shard_index: int
+    def __init__(self, symbols: _Optional[_Iterable[str]] = ..., timeframes: _Optional[_Iterable[_Union[_market_pb2.Timeframe, str]]] = ..., from_cursor: _Optional[int] = ..., include_forming: _Optional[bool] = ..., shard_count: _Optional[int] = ..., shard_index: _Optional[int] = ...) -> None: ...
 
 class SubscribeCandlesResponse(_message.Message):
     __slots__ = ("cursor", "bar")
