@@ -11,8 +11,7 @@ import pandas as pd
 from google.protobuf import timestamp_pb2
 from mt5.market.v1 import market_pb2
 
-from services.aggregator.bars import to_us
-from services.common.market import Timeframe
+from services.common.market import Timeframe, to_us
 
 START = dt.datetime(2025, 10, 30, 22, 0, tzinfo=dt.UTC)  # crosses a day, a week start and a month end
 RULES = {

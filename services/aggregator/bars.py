@@ -32,8 +32,9 @@ import numpy as np
 import numpy.typing as npt
 
 from services.common.market import Candle, Timeframe, bucket_start
+from services.common.market import from_us as from_us  # re-exported: the core speaks microseconds
+from services.common.market import to_us as to_us
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _US = 1_000_000
 M1_US = 60 * _US
 
@@ -177,16 +178,6 @@ class Emitted:
         """Append another input's output."""
         self.final.extend(other.final)
         self.forming.extend(other.forming)
-
-
-def to_us(ts: dt.datetime) -> int:
-    """An aware datetime as integer microseconds since the epoch."""
-    return (ts - _EPOCH) // dt.timedelta(microseconds=1)
-
-
-def from_us(us: int) -> dt.datetime:
-    """Integer microseconds since the epoch as an aware UTC datetime."""
-    return _EPOCH + dt.timedelta(microseconds=us)
 
 
 def bucket_bounds(ts_us: int, timeframe: Timeframe) -> tuple[int, int]:

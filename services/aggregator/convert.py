@@ -8,9 +8,7 @@ from google.protobuf import timestamp_pb2
 from mt5.market.v1 import market_pb2
 
 from services.aggregator.bars import Bar
-from services.common.protoconv import micros, timestamp
-
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+from services.common.protoconv import timestamp, to_datetime
 
 
 def bar_to_pb(bar: Bar) -> market_pb2.Bar:
@@ -40,4 +38,4 @@ def optional_time(message: object, field: str) -> dt.datetime | None:
     if not message.HasField(field):  # type: ignore[attr-defined]
         return None
     value: timestamp_pb2.Timestamp = getattr(message, field)
-    return _EPOCH + dt.timedelta(microseconds=micros(value))
+    return to_datetime(value)

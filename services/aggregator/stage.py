@@ -28,10 +28,9 @@ from services.aggregator.store import CANDLES_FEED, TICKS_FEED, AggregatorStore,
 from services.common.feed import CommitSignal, follow
 from services.common.live import LiveFanout, merge_live
 from services.common.market import Candle, Timeframe, shard_of
-from services.common.protoconv import micros
+from services.common.protoconv import to_datetime
 
 logger = logging.getLogger(__name__)
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 class AggregationStage:
@@ -141,7 +140,7 @@ class AggregationStage:
             candle = Candle(
                 c.symbol,
                 Timeframe(c.timeframe),
-                _EPOCH + dt.timedelta(microseconds=micros(c.ts)),
+                to_datetime(c.ts),
                 c.open,
                 c.high,
                 c.low,

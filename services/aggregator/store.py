@@ -14,13 +14,21 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, or_, select
 
-from services.aggregator.bars import PARENTS_OF, SOURCE_OF, Bar, BarSource, Values, bucket_bounds, to_us
+from services.aggregator.bars import (
+    PARENTS_OF,
+    SOURCE_OF,
+    Bar,
+    BarSource,
+    Values,
+    bucket_bounds,
+    from_us,
+    to_us,
+)
 from services.common import db
 from services.common.market import Timeframe
 from services.common.schema import agg_candle_log, agg_candles, agg_cursors, agg_symbols
 
 WRITE_LOCK_KEY = 0x6D7435_61676772  # serializes aggregator commits across processes (PostgreSQL)
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 # The longest a bar of each timeframe can be.
 _LONGEST = {
     Timeframe.M1: dt.timedelta(minutes=1),
@@ -139,7 +147,7 @@ class AggregatorStore:
             symbols = [row for row in conn.execute(select(agg_symbols)) if owns(row.symbol)]
             for sym in symbols:
                 horizon = (sym.latest_tick_us or 0) - lateness // dt.timedelta(microseconds=1)
-                oldest = _EPOCH + dt.timedelta(microseconds=max(0, horizon)) - retention
+                oldest = from_us(max(0, horizon)) - retention
                 # A final bar is still revisable when it ends after `oldest`.
                 revisable = or_(
                     *(and_(c.timeframe == tf.name, c.ts > oldest - length) for tf, length in _LONGEST.items())
@@ -192,8 +200,8 @@ class AggregatorStore:
                     select(agg_candles).where(
                         c.symbol == symbol,
                         c.timeframe == tf.name,
-                        c.ts >= _EPOCH + dt.timedelta(microseconds=start),
-                        c.ts < _EPOCH + dt.timedelta(microseconds=end),
+                        c.ts >= from_us(start),
+                        c.ts < from_us(end),
                     )
                 )
                 for bar in map(_bar, rows):

@@ -8,6 +8,19 @@ import enum
 import re
 import zlib
 
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def to_us(ts: dt.datetime) -> int:
+    """An aware datetime as integer microseconds since the epoch."""
+    return (ts - EPOCH) // dt.timedelta(microseconds=1)
+
+
+def from_us(us: int) -> dt.datetime:
+    """Integer microseconds since the epoch as an aware UTC datetime."""
+    return EPOCH + dt.timedelta(microseconds=us)
+
+
 # What a symbol may look like everywhere in the mesh: "EURUSD", "XAUUSD.m", "US30#".
 SYMBOL_PATTERN = re.compile(r"[A-Za-z0-9._#-]{1,32}")
 

@@ -7,9 +7,7 @@ import datetime as dt
 from google.protobuf import timestamp_pb2
 from mt5.market.v1 import market_pb2
 
-from services.common.market import Candle, Tick, Timeframe
-
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+from services.common.market import EPOCH, Candle, Tick, Timeframe, from_us
 
 
 def micros(ts: timestamp_pb2.Timestamp) -> int:
@@ -17,9 +15,14 @@ def micros(ts: timestamp_pb2.Timestamp) -> int:
     return ts.seconds * 1_000_000 + ts.nanos // 1000
 
 
+def to_datetime(ts: timestamp_pb2.Timestamp) -> dt.datetime:
+    """A Timestamp as an aware UTC datetime (to the microsecond)."""
+    return from_us(micros(ts))
+
+
 def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
     """An aware datetime as a Timestamp."""
-    delta = value - _EPOCH
+    delta = value - EPOCH
     return timestamp_pb2.Timestamp(
         seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000
     )

@@ -24,14 +24,13 @@ from services.aggregator.bars import Bar, BarSource
 from services.common.feed import CommitSignal, follow
 from services.common.live import LiveFanout, merge_live
 from services.common.market import Timeframe, shard_of
-from services.common.protoconv import micros
+from services.common.protoconv import to_datetime
 from services.indicators import metrics
 from services.indicators.config import IndicatorsConfig
 from services.indicators.engine import IndicatorEngine, IndicatorValues, NeedsHistory
 from services.indicators.store import CANDLES_FEED, IndicatorStore, IndicatorWork, LoggedValues
 
 logger = logging.getLogger(__name__)
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _PAGE = 10_000
 
 
@@ -41,7 +40,7 @@ def bar_from_pb(message: market_pb2.Bar) -> Bar:
     return Bar(
         c.symbol,
         Timeframe(c.timeframe),
-        _EPOCH + dt.timedelta(microseconds=micros(c.ts)),
+        to_datetime(c.ts),
         c.open,
         c.high,
         c.low,

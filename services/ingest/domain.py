@@ -13,14 +13,13 @@ import math
 import re
 from collections.abc import Collection, Mapping, Sequence
 
-from services.common.market import SYMBOL_PATTERN, Candle, Tick, Timeframe, bucket_start
+from services.common.market import SYMBOL_PATTERN, Candle, Tick, Timeframe, bucket_start, from_us, to_us
 from services.common.validation import FieldViolation, ValidationFailed
 
 MAX_ITEMS = 10_000
 SOURCE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 EARLIEST = dt.datetime(1990, 1, 1, tzinfo=dt.UTC)
 MAX_AHEAD = dt.timedelta(days=1)
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -81,10 +80,10 @@ def _check_ts(
     if ts_us < _EARLIEST_US:
         out.append(FieldViolation(field, "must not be before 1990-01-01T00:00:00Z"))
         return None
-    if ts_us > _micros(latest):
+    if ts_us > to_us(latest):
         out.append(FieldViolation(field, "must not be more than one day in the future"))
         return None
-    return _EPOCH + dt.timedelta(microseconds=ts_us)
+    return from_us(ts_us)
 
 
 def _check_price(value: float, field: str, out: list[FieldViolation]) -> bool:
@@ -104,11 +103,7 @@ def _check_amount(value: float, field: str, out: list[FieldViolation]) -> None:
         out.append(FieldViolation(field, "must not be negative"))
 
 
-def _micros(ts: dt.datetime) -> int:
-    return (ts - _EPOCH) // dt.timedelta(microseconds=1)
-
-
-_EARLIEST_US = _micros(EARLIEST)
+_EARLIEST_US = to_us(EARLIEST)
 
 
 def _check_count(count: int, field: str) -> None:
@@ -208,15 +203,13 @@ def _tick_violations(raw: RawTick, at: str, now: dt.datetime) -> list[FieldViola
 def validate_ticks(items: Sequence[RawTick], now: dt.datetime, field: str = "ticks") -> list[Tick]:
     """Check every tick; raises ValidationFailed naming every bad field of every tick."""
     _check_count(len(items), field)
-    earliest_us, latest_us = _EARLIEST_US, _micros(now + MAX_AHEAD)
+    earliest_us, latest_us = _EARLIEST_US, to_us(now + MAX_AHEAD)
     ticks: list[Tick] = []
     bad: list[int] = []
     for index, raw in enumerate(items):
         if _tick_is_valid(raw, earliest_us, latest_us):
             assert raw.ts_us is not None
-            ticks.append(
-                Tick(raw.symbol, _EPOCH + dt.timedelta(microseconds=raw.ts_us), raw.bid, raw.ask, raw.volume)
-            )
+            ticks.append(Tick(raw.symbol, from_us(raw.ts_us), raw.bid, raw.ask, raw.volume))
         else:
             bad.append(index)
     if bad:

@@ -8,9 +8,8 @@ import sys
 
 from sqlalchemy import select, update
 
-from services.aggregator.bars import from_us
 from services.common import db
-from services.common.market import Tick, Timeframe
+from services.common.market import Tick, Timeframe, from_us
 from services.common.schema import agg_candle_log, agg_candles
 from services.ingest.store import IngestStore, TickBatch
 from tests.helpers import REPO

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.aggregator.bars import AggregationSettings, Aggregator, Bar, BarSource, to_us
-from services.common.market import Candle, Timeframe
+from services.aggregator.bars import AggregationSettings, Aggregator, Bar, BarSource
+from services.common.market import Candle, Timeframe, to_us
 from tests.market_data import Ticks, make_ticks, reference
 
 FAR_FUTURE = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.common.market import Candle, Tick, Timeframe
+from services.common.market import Candle, Tick, Timeframe, to_us
 from services.common.validation import ValidationFailed
 from services.ingest import domain
 from services.ingest.domain import CandleStatus, RawCandle, RawTick, TickStatus
@@ -158,5 +158,5 @@ def test_validate_ticks_fast_check_and_violations_agree(
 ) -> None:
     """A tick is accepted exactly when the detailed check finds nothing wrong with it."""
     raw = RawTick(symbol, ts_us, bid, ask, volume)
-    fast = domain._tick_is_valid(raw, domain._EARLIEST_US, domain._micros(NOW + domain.MAX_AHEAD))
+    fast = domain._tick_is_valid(raw, domain._EARLIEST_US, to_us(NOW + domain.MAX_AHEAD))
     assert fast == (not domain._tick_violations(raw, "ticks[0]", NOW))
