@@ -212,22 +212,9 @@ class AggregatorStore:
         self, cursor: int, symbols: Sequence[str], timeframes: Sequence[Timeframe], limit: int
     ) -> list[LoggedBar]:
         """Final bar versions with a cursor above ``cursor``, in cursor order."""
-        t = agg_candle_log
-        query = select(t).where(t.c.id > cursor)
-        if symbols:
-            query = query.where(t.c.symbol.in_(symbols))
-        if timeframes:
-            query = query.where(t.c.timeframe.in_([tf.name for tf in timeframes]))
+        query = db.page_after(agg_candle_log, cursor, limit, symbols, [tf.name for tf in timeframes])
         with self._engine.connect() as conn:
-            return [LoggedBar(r.id, _bar(r)) for r in conn.execute(query.order_by(t.c.id).limit(limit))]
-
-    def latest_cursor(self) -> int:
-        """The highest final-version cursor (0 when none)."""
-        with self._engine.connect() as conn:
-            value = conn.execute(
-                select(agg_candle_log.c.id).order_by(agg_candle_log.c.id.desc()).limit(1)
-            ).scalar()
-        return int(value or 0)
+            return [LoggedBar(r.id, _bar(r)) for r in conn.execute(query)]
 
     def candles(
         self,

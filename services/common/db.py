@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 import logging
 import pathlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import alembic.command
 import alembic.config
-from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+from sqlalchemy import Connection, Engine, Select, Table, create_engine, event, make_url, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 
@@ -87,6 +87,18 @@ def write_transaction(engine: Engine, lock_key: int) -> Iterator[Connection]:
         if engine.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key})
         yield conn
+
+
+def page_after(
+    table: Table, cursor: int, limit: int, symbols: Sequence[str] = (), timeframes: Sequence[str] = ()
+) -> Select[Any]:
+    """The rows of an append-only log after ``cursor`` (its ``id``), in cursor order, filtered."""
+    query = select(table).where(table.c.id > cursor)
+    if symbols:
+        query = query.where(table.c.symbol.in_(symbols))
+    if timeframes:
+        query = query.where(table.c.timeframe.in_(timeframes))
+    return query.order_by(table.c.id).limit(limit)
 
 
 def migrate(engine: Engine, revision: str = "head") -> None:

@@ -95,14 +95,9 @@ class IndicatorStore:
         self, cursor: int, symbols: Sequence[str], timeframes: Sequence[Timeframe], limit: int
     ) -> list[LoggedValues]:
         """Published versions with a cursor above ``cursor``, in cursor order."""
-        t = ind_log
-        query = select(t).where(t.c.id > cursor)
-        if symbols:
-            query = query.where(t.c.symbol.in_(symbols))
-        if timeframes:
-            query = query.where(t.c.timeframe.in_([tf.name for tf in timeframes]))
+        query = db.page_after(ind_log, cursor, limit, symbols, [tf.name for tf in timeframes])
         with self._engine.connect() as conn:
-            return [LoggedValues(r.id, _values(r)) for r in conn.execute(query.order_by(t.c.id).limit(limit))]
+            return [LoggedValues(r.id, _values(r)) for r in conn.execute(query)]
 
     def values(
         self,

@@ -314,14 +314,9 @@ class IngestStore:
         self, cursor: int, symbols: Sequence[str], timeframes: Sequence[Timeframe], limit: int
     ) -> list[StoredCandleChange]:
         """Committed candle changes with a cursor above ``cursor``, in cursor order."""
-        t = ingest_candle_log
-        query = select(t).where(t.c.id > cursor)
-        if symbols:
-            query = query.where(t.c.symbol.in_(symbols))
-        if timeframes:
-            query = query.where(t.c.timeframe.in_([tf.name for tf in timeframes]))
+        query = db.page_after(ingest_candle_log, cursor, limit, symbols, [tf.name for tf in timeframes])
         with self._engine.connect() as conn:
-            rows = conn.execute(query.order_by(t.c.id).limit(limit))
+            rows = conn.execute(query)
             return [
                 StoredCandleChange(
                     r.id,
