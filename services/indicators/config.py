@@ -40,7 +40,12 @@ class IndicatorsConfig:
                 default_port=DEFAULT_PORT,
                 default_metrics_port=DEFAULT_METRICS_PORT,
             ),
-            aggregator_address=envreader.get_str(env, "INDICATORS_AGGREGATOR_ADDRESS", "127.0.0.1:50052"),
+            # "{shard}" in the address is replaced by this shard's index, e.g.
+            # "aggregator-{shard}.aggregator:50052": provisional values need the forming bars of this
+            # shard's symbols, which only the aggregator shard with the same index has (equal counts).
+            aggregator_address=envreader.get_str(
+                env, "INDICATORS_AGGREGATOR_ADDRESS", "127.0.0.1:50052"
+            ).replace("{shard}", str(envreader.get_shard_index(env, "INDICATORS_SHARD_INDEX", count))),
             settings=IndicatorSettings(
                 rsi_period=envreader.get_int(env, "INDICATORS_RSI_PERIOD", 14, minimum=2),
                 macd_fast=envreader.get_int(env, "INDICATORS_MACD_FAST", 12, minimum=2),

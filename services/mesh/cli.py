@@ -118,8 +118,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             if name == "ingest":
                 env["INGEST_MESH_PEERS"] = peers
             if name in upstream_of:
+                # The upstream shard with the same index: the only one with this shard's forming bars.
                 variable, upstream = upstream_of[name]
-                env[variable] = f"127.0.0.1:{shard_ports[upstream][0]}"
+                env[variable] = (
+                    f"127.0.0.1:{shard_ports[upstream][min(shard, len(shard_ports[upstream]) - 1)]}"
+                )
             if name in SHARDED:
                 env |= {
                     f"{name.upper()}_SHARD_COUNT": str(args.shards),

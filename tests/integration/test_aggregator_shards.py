@@ -1,5 +1,6 @@
-"""Two shards of each stateful stage: every symbol is handled by exactly one shard of each, with the
-same bars and indicator values as a single run."""
+"""Two shards of each stateful stage: every symbol is handled by exactly one shard of each; the bars
+equal the single-run reference, and each indicators shard publishes one value per final bar of exactly
+its own symbols (their exactness against TA-Lib is tested in test_indicators_service.py)."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import psycopg
 import pytest
@@ -52,11 +52,13 @@ SERVICES = ("ingest", "aggregator", "indicators", "inference")
 GRPC_PORTS = {"ingest": 50051, "aggregator": 50052, "indicators": 50053, "inference": 50054}
 METRICS_PORTS = {"ingest": 9101, "aggregator": 9102, "indicators": 9103, "inference": 9104}
 HPA_TARGETS = ("gateway", "ingest", "inference")
-# Stages with one writer that are not sharded yet: one pod, Recreate (indicators' sharding comes with
-# its issue). The aggregator is sharded: a StatefulSet, one pod per shard.
-ONE_WRITER_STAGES = ("indicators",)
+# The stages with one writer per symbol, each sharded (k8s/README.md, "Scale past one node: shards"): a
+# StatefulSet of one pod per shard, by name, and the prefix of its <PREFIX>_SHARD_COUNT, _SHARD_INDEX
+# and _FEED_POLL_SECONDS.
+SHARDED_STAGES = {"aggregator": "AGGREGATOR", "indicators": "INDICATORS"}
+# Every sharded stage's shard count, per overlay.
 SHARDS = {"dev": 1, "staging": 2, "production": 3}
-# How often a shard looks for the bars other shards committed (k8s/base/aggregator.yaml).
+# How often a shard looks for what other shards committed (k8s/base/aggregator.yaml, indicators.yaml).
 SHARD_FEED_POLL_SECONDS = 0.2
 LOG_LEVELS = {"dev": "DEBUG", "staging": "INFO", "production": "WARNING"}
 MIN_REPLICAS = {"dev": 1, "staging": 2, "production": 3}
@@ -474,8 +476,8 @@ def env_problems(r: Rendered, doc: Manifest, tmp: pathlib.Path) -> list[str]:
     that only feed another variable through $(VAR). The config must load from them, listen on all
     interfaces on the container's gRPC port, export metrics on its metrics port, reach PostgreSQL, and
     name peers that exist as Services. The downward API's ``metadata.name`` is each pod's own name, so
-    a StatefulSet's config must load in every one of its pods (an aggregator shard takes its index
-    from its ordinal).
+    a StatefulSet's config must load in every one of its pods (a shard of a sharded stage takes its
+    index from its ordinal).
     """
     template = pod_template(doc)
     assert template is not None
@@ -932,16 +934,17 @@ def test_env_policy_loopback_listen_address_is_reported(
     assert any("unreachable from other pods" in p for p in env_problems(r, doc, tmp_path))
 
 
+@pytest.mark.parametrize("stage", SHARDED_STAGES)
 def test_env_policy_statefulset_pod_beyond_shard_count_is_reported(
-    rendered: dict[str, Rendered], tmp_path: pathlib.Path
+    rendered: dict[str, Rendered], tmp_path: pathlib.Path, stage: str
 ) -> None:
     # Each pod's own name reaches its config: the third pod of a two-shard set has no shard.
     r = rendered["staging"]
-    doc = service_workload(r, "aggregator")
+    doc = service_workload(r, stage)
     assert env_problems(r, doc, tmp_path) == []
     doc["spec"]["replicas"] = 3
     assert any(
-        "its config does not load" in p and "'aggregator-2'" in p for p in env_problems(r, doc, tmp_path)
+        "its config does not load" in p and f"'{stage}-2'" in p for p in env_problems(r, doc, tmp_path)
     )
 
 
@@ -1138,18 +1141,6 @@ def test_overlay_replicas_and_log_level_match_environment(
     assert r.one("StatefulSet", "timescaledb")["spec"]["replicas"] == 1
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_one_writer_stages_single_replica_recreate(rendered: dict[str, Rendered], overlay: str) -> None:
-    r = rendered[overlay]
-    for name in ONE_WRITER_STAGES:
-        spec = r.one("Deployment", name)["spec"]
-        assert spec["replicas"] == 1
-        assert spec["strategy"]["type"] == "Recreate"
-        assert not [
-            d for d in r.docs if d["kind"] == "HorizontalPodAutoscaler" and d["metadata"]["name"] == name
-        ]
-
-
 def test_overlay_mesh_images_same_release_tag(rendered: dict[str, Rendered]) -> None:
     for r in rendered.values():
         tags = {
@@ -1162,8 +1153,29 @@ def test_overlay_mesh_images_same_release_tag(rendered: dict[str, Rendered]) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Aggregator shards
+# Sharded stages
 # ---------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class ShardedConfig(Protocol):
+    """What a sharded stage's config says about its shard (AggregatorConfig, IndicatorsConfig)."""
+
+    @property
+    def shard_index(self) -> int: ...
+
+    @property
+    def shard_count(self) -> int: ...
+
+    @property
+    def feed_poll_seconds(self) -> float: ...
+
+
+def shard_config(stage: str, env: Mapping[str, str]) -> ShardedConfig:
+    """A sharded stage's config, read by the service's own ``from_env``."""
+    config = CONFIG_READERS[stage](env)
+    assert isinstance(config, ShardedConfig), f"{stage}: its config has no shard settings"
+    return config
 
 
 def env_var(container: Manifest, name: str) -> Manifest | None:
@@ -1172,15 +1184,16 @@ def env_var(container: Manifest, name: str) -> Manifest | None:
 
 
 def shard_problems(r: Rendered, doc: Manifest) -> list[str]:
-    """Everything that keeps the aggregator's object from running each shard exactly once.
+    """Everything that keeps a sharded stage's object from running each shard exactly once.
 
     A StatefulSet (at most one pod per shard identity, even during a rolling update) of Parallel pods
-    under the headless Service it names; AGGREGATOR_SHARD_COUNT equal to its replicas and
-    AGGREGATOR_SHARD_INDEX from the pod's name, so that its pods' indices, as the service's own config
+    under the headless Service it names; <PREFIX>_SHARD_COUNT equal to its replicas and
+    <PREFIX>_SHARD_INDEX from the pod's name, so that its pods' indices, as the service's own config
     reads them, are exactly 0 … N-1 of N; the 0.2 s feed poll; no HPA (scaling is resharding) and a
-    PodDisruptionBudget of one.
+    PodDisruptionBudget of one. The stage is the object's name, its prefix from SHARDED_STAGES.
     """
     name = str(doc["metadata"]["name"])
+    prefix = SHARDED_STAGES[name]
     where = f"{doc['kind']}/{name}"
     if doc["kind"] != "StatefulSet":
         return [f"{where}: is not a StatefulSet (a pod per shard, never two of one shard)"]
@@ -1196,13 +1209,13 @@ def shard_problems(r: Rendered, doc: Manifest) -> list[str]:
     if not services or services[0]["spec"].get("clusterIP") != "None":
         problems.append(f"{where}: serviceName {spec.get('serviceName')} is no headless Service")
     replicas = int(spec.get("replicas", 1))
-    container = next(c for c in spec["template"]["spec"]["containers"] if c["name"] == "aggregator")
-    count = (env_var(container, "AGGREGATOR_SHARD_COUNT") or {}).get("value")
+    container = next(c for c in spec["template"]["spec"]["containers"] if c["name"] == name)
+    count = (env_var(container, f"{prefix}_SHARD_COUNT") or {}).get("value")
     if count != str(replicas):
-        problems.append(f"{where}: AGGREGATOR_SHARD_COUNT is {count!r} but replicas is {replicas}")
-    index = env_var(container, "AGGREGATOR_SHARD_INDEX") or {}
+        problems.append(f"{where}: {prefix}_SHARD_COUNT is {count!r} but replicas is {replicas}")
+    index = env_var(container, f"{prefix}_SHARD_INDEX") or {}
     if index.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "metadata.name":
-        problems.append(f"{where}: AGGREGATOR_SHARD_INDEX is {index}, not the pod's metadata.name")
+        problems.append(f"{where}: {prefix}_SHARD_INDEX is {index}, not the pod's metadata.name")
     layouts = set()
     for pod in pod_names(doc):
         env = container_env(r, container, pod)[0]
@@ -1210,13 +1223,13 @@ def shard_problems(r: Rendered, doc: Manifest) -> list[str]:
         env.pop("MT5MESH_API_KEY_FILE", None)
         env["MT5MESH_API_KEY"] = "k" * 16
         try:
-            config = AggregatorConfig.from_env(env)
+            config = shard_config(name, env)
         except ValueError as exc:
             problems.append(f"{where}: pod {pod}: its config does not load: {exc}")
             continue
         layouts.add((config.shard_index, config.shard_count))
         if config.feed_poll_seconds != SHARD_FEED_POLL_SECONDS:
-            problems.append(f"{where}: pod {pod}: AGGREGATOR_FEED_POLL_SECONDS is {config.feed_poll_seconds}")
+            problems.append(f"{where}: pod {pod}: {prefix}_FEED_POLL_SECONDS is {config.feed_poll_seconds}")
     if layouts and layouts != {(k, replicas) for k in range(replicas)}:
         problems.append(
             f"{where}: its pods run shards {sorted(layouts)}, not each of 0..{replicas - 1} of {replicas}"
@@ -1235,39 +1248,55 @@ def shard_problems(r: Rendered, doc: Manifest) -> list[str]:
     return problems
 
 
+def test_sharded_stages_are_every_workload_with_a_shard_index(rendered: dict[str, Rendered]) -> None:
+    # A stage that gains a shard index must join SHARDED_STAGES, or the checks below would skip it.
+    for r in rendered.values():
+        with_index = {
+            str(doc["metadata"]["name"])
+            for doc, template in workloads(r.docs)
+            for container in template["spec"]["containers"]
+            if any(v["name"].endswith("_SHARD_INDEX") for v in container.get("env", []))
+        }
+        assert with_index == set(SHARDED_STAGES), r.overlay
+
+
+@pytest.mark.parametrize("stage", SHARDED_STAGES)
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_aggregator_statefulset_shard_count_equals_replicas(
-    rendered: dict[str, Rendered], overlay: str
+def test_sharded_stage_statefulset_shard_count_equals_replicas(
+    rendered: dict[str, Rendered], overlay: str, stage: str
 ) -> None:
     r = rendered[overlay]
-    assert not [d for d in r.docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "aggregator"]
-    statefulset = r.one("StatefulSet", "aggregator")
+    prefix = SHARDED_STAGES[stage]
+    assert not [d for d in r.docs if d["kind"] == "Deployment" and d["metadata"]["name"] == stage]
+    statefulset = r.one("StatefulSet", stage)
     assert statefulset["spec"]["replicas"] == SHARDS[overlay]
     container = statefulset["spec"]["template"]["spec"]["containers"][0]
-    assert env_var(container, "AGGREGATOR_SHARD_COUNT") == {
-        "name": "AGGREGATOR_SHARD_COUNT",
+    assert env_var(container, f"{prefix}_SHARD_COUNT") == {
+        "name": f"{prefix}_SHARD_COUNT",
         "value": str(SHARDS[overlay]),
     }
     assert shard_problems(r, statefulset) == []
 
 
+@pytest.mark.parametrize("stage", SHARDED_STAGES)
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_aggregator_shard_index_from_pod_name_each_pod_own_shard(
-    rendered: dict[str, Rendered], overlay: str, tmp_path: pathlib.Path
+def test_sharded_stage_index_from_pod_name_each_pod_own_shard(
+    rendered: dict[str, Rendered], overlay: str, stage: str, tmp_path: pathlib.Path
 ) -> None:
     r = rendered[overlay]
-    statefulset = r.one("StatefulSet", "aggregator")
+    prefix = SHARDED_STAGES[stage]
+    statefulset = r.one("StatefulSet", stage)
     container = statefulset["spec"]["template"]["spec"]["containers"][0]
-    assert env_var(container, "AGGREGATOR_SHARD_INDEX") == {
-        "name": "AGGREGATOR_SHARD_INDEX",
+    assert env_var(container, f"{prefix}_SHARD_INDEX") == {
+        "name": f"{prefix}_SHARD_INDEX",
         "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
     }
-    assert pod_names(statefulset) == [f"aggregator-{k}" for k in range(SHARDS[overlay])]
+    assert pod_names(statefulset) == [f"{stage}-{k}" for k in range(SHARDS[overlay])]
     key_file = tmp_path / "api-keys"
     key_file.write_text(r.secret_values["api-keys"], encoding="utf-8")
     for k, pod in enumerate(pod_names(statefulset)):
         env = container_env(r, container, pod)[0]
-        config = AggregatorConfig.from_env({**env, "MT5MESH_API_KEY_FILE": str(key_file)})
+        config = shard_config(stage, {**env, "MT5MESH_API_KEY_FILE": str(key_file)})
         assert (config.shard_index, config.shard_count) == (k, SHARDS[overlay])
 
 
@@ -1277,22 +1306,26 @@ def scale_to(doc: Manifest, replicas: int) -> None:
 
 
 def set_env(doc: Manifest, name: str, entry: Manifest) -> None:
-    """Replace the aggregator container's env entry ``name``."""
+    """Replace the env entry ``name`` of the workload's (first) container."""
     env = doc["spec"]["template"]["spec"]["containers"][0]["env"]
     env[next(i for i, v in enumerate(env) if v["name"] == name)] = {"name": name, **entry}
 
 
+@pytest.mark.parametrize("stage", SHARDED_STAGES)
 @pytest.mark.parametrize(
     ("mutation", "expected"),
     [
-        (lambda d: scale_to(d, 3), "AGGREGATOR_SHARD_COUNT is '2' but replicas is 3"),
-        (lambda d: set_env(d, "AGGREGATOR_SHARD_COUNT", {"value": "3"}), "but replicas is 2"),
-        (lambda d: set_env(d, "AGGREGATOR_SHARD_INDEX", {"value": "0"}), "not the pod's metadata.name"),
-        (lambda d: set_env(d, "AGGREGATOR_SHARD_INDEX", {"value": "0"}), "not each of 0..1 of 2"),
-        (lambda d: set_env(d, "AGGREGATOR_FEED_POLL_SECONDS", {"value": "1.0"}), "FEED_POLL_SECONDS is 1.0"),
-        (lambda d: d["spec"].pop("podManagementPolicy"), "not Parallel"),
-        (lambda d: d["spec"].update(serviceName="aggregator-shards"), "no headless Service"),
-        (lambda d: d.update(kind="Deployment"), "is not a StatefulSet"),
+        (lambda d, p: scale_to(d, 3), "{p}_SHARD_COUNT is '2' but replicas is 3"),
+        (lambda d, p: set_env(d, f"{p}_SHARD_COUNT", {"value": "3"}), "but replicas is 2"),
+        (lambda d, p: set_env(d, f"{p}_SHARD_INDEX", {"value": "0"}), "not the pod's metadata.name"),
+        (lambda d, p: set_env(d, f"{p}_SHARD_INDEX", {"value": "0"}), "not each of 0..1 of 2"),
+        (
+            lambda d, p: set_env(d, f"{p}_FEED_POLL_SECONDS", {"value": "1.0"}),
+            "{p}_FEED_POLL_SECONDS is 1.0",
+        ),
+        (lambda d, p: d["spec"].pop("podManagementPolicy"), "not Parallel"),
+        (lambda d, p: d["spec"].update(serviceName="shards"), "no headless Service"),
+        (lambda d, p: d.update(kind="Deployment"), "is not a StatefulSet"),
     ],
     ids=[
         "replicas-drifted",
@@ -1305,34 +1338,81 @@ def set_env(doc: Manifest, name: str, entry: Manifest) -> None:
         "deployment",
     ],
 )
-def test_aggregator_shard_policy_bad_statefulset_is_reported(
-    rendered: dict[str, Rendered], mutation: Callable[[Manifest], object], expected: str
+def test_shard_policy_bad_statefulset_is_reported(
+    rendered: dict[str, Rendered], mutation: Callable[[Manifest, str], object], expected: str, stage: str
 ) -> None:
     r = rendered["staging"]
-    bad = service_workload(r, "aggregator")
+    prefix = SHARDED_STAGES[stage]
+    bad = service_workload(r, stage)
     assert shard_problems(r, bad) == []
-    mutation(bad)
+    mutation(bad, prefix)
     problems = shard_problems(r, bad)
+    assert any(expected.format(p=prefix) in p for p in problems), problems
+
+
+@pytest.mark.parametrize("stage", SHARDED_STAGES)
+@pytest.mark.parametrize(
+    ("mutation", "expected"),
+    [
+        (
+            lambda docs, stage: docs.append(
+                {
+                    "kind": "HorizontalPodAutoscaler",
+                    "metadata": {"name": stage},
+                    "spec": {
+                        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": stage}
+                    },
+                }
+            ),
+            "an HPA scales it",
+        ),
+        (
+            lambda docs, stage: docs.remove(
+                next(d for d in docs if d["kind"] == "PodDisruptionBudget" and d["metadata"]["name"] == stage)
+            ),
+            "no PodDisruptionBudget",
+        ),
+    ],
+    ids=["autoscaled", "no-budget"],
+)
+def test_shard_policy_hpa_or_missing_budget_is_reported(
+    rendered: dict[str, Rendered],
+    mutation: Callable[[list[Manifest], str], object],
+    expected: str,
+    stage: str,
+) -> None:
+    r = rendered["staging"]
+    docs = copy.deepcopy(r.docs)
+    mutation(docs, stage)
+    bad = dataclasses.replace(r, docs=docs)
+    problems = shard_problems(bad, bad.one("StatefulSet", stage))
     assert any(expected in p for p in problems), problems
 
 
-def test_aggregator_overlay_without_count_replacement_drift_is_reported(tmp_path: pathlib.Path) -> None:
-    # The overlay's replacement is what keeps the count and the replicas together: without it the
-    # staging overlay renders 2 pods that each believe there is 1 shard.
+@pytest.mark.parametrize("stage", SHARDED_STAGES)
+def test_overlay_without_count_replacement_drift_is_reported(tmp_path: pathlib.Path, stage: str) -> None:
+    # Each stage's replacement in the overlay is what keeps its count and its replicas together:
+    # without it the staging overlay renders 2 pods that each believe there is 1 shard. The other
+    # stage keeps its own replacement and stays right.
     k8s = tmp_path / "k8s"
     shutil.copytree(K8S, k8s, ignore=shutil.ignore_patterns("secrets.env"))
     overlay = k8s / "overlays" / "staging"
     values = throwaway_secrets()
     (overlay / "secrets.env").write_text("".join(f"{k}={v}\n" for k, v in values.items()), encoding="utf-8")
     kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text(encoding="utf-8"))
-    assert kustomization.pop("replacements")
+    replacements = kustomization["replacements"]
+    kustomization["replacements"] = [x for x in replacements if x["source"]["name"] != stage]
+    assert len(kustomization["replacements"]) == len(replacements) - 1
     (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization), encoding="utf-8")
     r = Rendered("staging", overlay, render(overlay), values)
-    statefulset = r.one("StatefulSet", "aggregator")
+    statefulset = r.one("StatefulSet", stage)
     assert statefulset["spec"]["replicas"] == SHARDS["staging"]
     problems = shard_problems(r, statefulset)
-    assert any("AGGREGATOR_SHARD_COUNT is '1' but replicas is 2" in p for p in problems), problems
-    assert any("aggregator-1" in p and "does not load" in p for p in problems), problems
+    prefix = SHARDED_STAGES[stage]
+    assert any(f"{prefix}_SHARD_COUNT is '1' but replicas is 2" in p for p in problems), problems
+    assert any(f"{stage}-1" in p and "does not load" in p for p in problems), problems
+    for other in SHARDED_STAGES.keys() - {stage}:
+        assert shard_problems(r, r.one("StatefulSet", other)) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1518,6 +1598,8 @@ def test_readme_deploy_and_restore_commands_documented() -> None:
     assert "create job --from=cronjob/db-restore" in readme
     assert "create job --from=cronjob/db-backup" in readme
     assert "secrets.env.example" in readme
-    assert "scale statefulset/aggregator --replicas=0" in readme
+    assert 'scale statefulset/"$STAGE" --replicas=0' in readme
+    for stage in SHARDED_STAGES:
+        assert f"statefulset/{stage}" in readme
     assert "mt5mesh up --shards 2" in readme
     assert "tests/integration/test_aggregator_shards.py" in readme

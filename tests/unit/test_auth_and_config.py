@@ -11,6 +11,7 @@ from services.aggregator.config import AggregatorConfig
 from services.common.auth import key_matches
 from services.common.env import ConfigError, get_address_map, get_int, get_secret_list
 from services.common.market import shard_of
+from services.indicators.config import IndicatorsConfig
 from services.ingest.config import IngestConfig
 
 KEY = "k" * 32
@@ -95,3 +96,15 @@ def test_shard_of_is_stable_and_spreads_symbols() -> None:
     assert shard_of("EURUSD", 4) == zlib.crc32(b"EURUSD") % 4
     assert {shard_of(f"SYM{i}", 4) for i in range(100)} == {0, 1, 2, 3}
     assert shard_of("EURUSD", 1) == 0
+
+
+def test_indicators_config_shard_placeholder_in_aggregator_address_is_filled() -> None:
+    config = IndicatorsConfig.from_env(
+        {
+            "MT5MESH_API_KEY": KEY,
+            "INDICATORS_SHARD_COUNT": "3",
+            "INDICATORS_SHARD_INDEX": "indicators-2",
+            "INDICATORS_AGGREGATOR_ADDRESS": "aggregator-{shard}.aggregator:50052",
+        }
+    )
+    assert config.aggregator_address == "aggregator-2.aggregator:50052"
