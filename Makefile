@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install gen proto-deps k8s-sync k8s-render run test test-unit test-integration test-e2e lint format migrate bench-ingest clean
+.PHONY: install gen proto-deps k8s-sync k8s-render run bench-aggregator bench-indicators test test-unit test-integration test-e2e lint format migrate bench-ingest clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -69,6 +69,12 @@ test-e2e: $(STAMP)
 
 bench-ingest: $(STAMP)
 	$(PY) -m bench.ingest_bench
+
+bench-aggregator: $(STAMP)
+	$(PY) -m bench.aggregator_bench
+
+bench-indicators: $(STAMP)
+	$(PY) -m bench.indicators_bench
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

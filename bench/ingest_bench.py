@@ -33,27 +33,34 @@ import json
 import multiprocessing
 import os
 import pathlib
-import platform
-import re
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import grpc
 import httpx
 import psycopg
 from google.protobuf import timestamp_pb2
 from mt5.market.v1 import market_pb2
 
-from services.common import db
+from bench.common import (
+    NOISE_LIMIT_CORES,
+    CpuMeter,
+    RssSampler,
+    ScenarioFailed,
+    machine_info,
+    migrate_database,
+    plain_url,
+    postgres_pids,
+    row_count,
+    step,
+    truncate_tables,
+)
 from services.ingest.client import TickStreamer
 from tests import helpers
 
@@ -64,9 +71,6 @@ SOURCE_ID = "bench"
 SYMBOLS = ("EURUSD", "GBPUSD", "USDJPY", "AUDUSD", "USDCHF", "USDCAD", "NZDUSD", "EURJPY")
 TICK_EPOCH = dt.datetime(2025, 10, 20, tzinfo=dt.UTC)
 CANDLE_EPOCH_SECONDS = 946_684_800  # 2000-01-01T00:00:00Z: room for millions of distinct M1 bars
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-MIB = 1024 * 1024
-NOISE_LIMIT_CORES = 0.35  # CPU used during a scenario by processes outside it before it counts as disturbed
 
 TARGETS = {
     "stream_vs_copy_ratio": ("(a) / (b) batched COPY", ">=", 0.40),
@@ -77,10 +81,6 @@ TARGETS = {
 }
 
 TickRow = tuple[str, dt.datetime, float, float, float]
-
-
-class ScenarioFailed(RuntimeError):
-    """A scenario could not be measured (a process died, requests failed); it may be run again."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,143 +150,6 @@ def candle_json(symbol: str, minute: int) -> dict[str, Any]:
         "volume": 150,
         "spread": 2,
     }
-
-
-# --- process probes --------------------------------------------------------------------------------
-
-
-def _status_kb(pid: int, field: str) -> int:
-    try:
-        text = pathlib.Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match.group(1)) if match else 0
-
-
-def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
-
-
-def _postgres_pids() -> list[int]:
-    pids = []
-    for entry in pathlib.Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "comm").read_text().strip() == "postgres":
-                    pids.append(int(entry.name))
-    return pids
-
-
-def _machine_busy_seconds() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
-    values = [int(v) for v in pathlib.Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    total = sum(values[:8])
-    return (total - idle) / CLOCK_TICKS, total / CLOCK_TICKS
-
-
-class CpuMeter:
-    """CPU time of named process groups over an interval, in cores (1.0 = one core busy)."""
-
-    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
-        self._groups = groups
-        self._start: dict[str, dict[int, float]] = {}
-        self._machine: tuple[float, float] = (0.0, 0.0)
-        self._t0 = 0.0
-        self._self0 = 0.0
-        self._children0 = 0.0
-
-    def _snapshot(self) -> dict[str, dict[int, float]]:
-        return {name: {pid: _cpu_seconds(pid) for pid in pids()} for name, pids in self._groups.items()}
-
-    def start(self) -> None:
-        self._start = self._snapshot()
-        self._machine = _machine_busy_seconds()
-        self._t0 = time.monotonic()
-        own = os.times()
-        self._self0 = own.user + own.system
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self._children0 = children.ru_utime + children.ru_stime
-
-    def stop(self, extra_client_seconds: float = 0.0) -> dict[str, float]:
-        """Cores used per group; ``bench_client`` is this process plus waited-for children (wrk)."""
-        elapsed = max(time.monotonic() - self._t0, 1e-9)
-        end = self._snapshot()
-        busy, total = _machine_busy_seconds()
-        used: dict[str, float] = {}
-        for name, pids in end.items():
-            before = self._start.get(name, {})
-            used[name] = round(sum(t - before.get(pid, 0.0) for pid, t in pids.items()) / elapsed, 2)
-        own = os.times()
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        client = (own.user + own.system - self._self0) + (
-            children.ru_utime + children.ru_stime - self._children0
-        )
-        used["bench_client"] = round((client + extra_client_seconds) / elapsed, 2)
-        busy0, total0 = self._machine
-        machine = (busy - busy0) / max(total - total0, 1e-9) * (os.cpu_count() or 1)
-        used["machine_busy"] = round(machine, 2)
-        # Whatever else ran meanwhile (the placeholder services, other users of this shared machine).
-        used["other"] = round(max(0.0, machine - sum(v for k, v in used.items() if k != "machine_busy")), 2)
-        return used
-
-
-def background_load(seconds: float = 2.0) -> float:
-    """Cores busy on the machine over ``seconds`` while the benchmark runs nothing."""
-    busy0, total0 = _machine_busy_seconds()
-    time.sleep(seconds)
-    busy, total = _machine_busy_seconds()
-    return (busy - busy0) / max(total - total0, 1e-9) * (os.cpu_count() or 1)
-
-
-def wait_for_quiet(max_wait: float, threshold: float = 0.3) -> float:
-    """Wait (up to ``max_wait`` s) until the machine is nearly idle; returns the last load seen."""
-    deadline = time.monotonic() + max_wait
-    load = background_load()
-    while load > threshold and time.monotonic() < deadline:
-        print(f"    machine busy ({load:.2f} cores used by others); waiting for it to calm down", flush=True)
-        load = background_load()
-    return load
-
-
-class RssSampler:
-    """Samples a process's VmRSS in a thread; the peak also takes the kernel's VmHWM into account."""
-
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
-        self._pid = pid
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-        self.peak_kb = 0
-        self.samples = 0
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_kb = max(self.peak_kb, _status_kb(self._pid, "VmRSS"))
-            self.samples += 1
-            self._stop.wait(self._interval)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_kb = max(self.peak_kb, _status_kb(self._pid, "VmRSS"))
-        self.hwm_kb = _status_kb(self._pid, "VmHWM")
-
-    def report(self) -> dict[str, float]:
-        return {
-            "peak_sampled_mb": round(self.peak_kb / 1024, 1),
-            "vm_hwm_mb": round(self.hwm_kb / 1024, 1),
-            "samples": self.samples,
-        }
 
 
 # --- the mesh --------------------------------------------------------------------------------------
@@ -373,41 +236,18 @@ def _wait_routed(url: str, timeout: float = 60.0) -> None:
     raise ScenarioFailed(f"gateway did not route POST /ingest_batch within {timeout}s: {last}")
 
 
-def _plain_url(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
-def _migrate(url: str) -> None:
-    engine = db.create_db_engine(url)
-    try:
-        db.migrate(engine)
-    finally:
-        engine.dispose()
-
-
-def _truncate(url: str, *tables: str) -> None:
-    with psycopg.connect(_plain_url(url), autocommit=True) as conn:
-        conn.execute(f"TRUNCATE {', '.join(tables)}")
-
-
 def _settled_count(url: str, table: str, timeout: float = 60.0) -> int:
     """The table's row count once it stops changing: requests a load client abandoned at its deadline
     are still committed by the server, and must not spill into the next measurement."""
     deadline = time.monotonic() + timeout
-    last = _count(url, table)
+    last = row_count(url, table)
     while time.monotonic() < deadline:
         time.sleep(0.5)
-        now = _count(url, table)
+        now = row_count(url, table)
         if now == last:
             return now
         last = now
     return last
-
-
-def _count(url: str, table: str) -> int:
-    with psycopg.connect(_plain_url(url)) as conn:
-        row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608 - constant names
-    return int(row[0]) if row else 0
 
 
 # --- (a) StreamTicks -------------------------------------------------------------------------------
@@ -423,7 +263,7 @@ def bench_stream(
     with helpers.postgres_database() as url, running_mesh(url, workdir, gateway=via_envoy) as mesh:
         target = mesh.envoy.url.removeprefix("http://") if mesh.envoy else mesh.ingest.address
         asyncio.run(TickStreamer(target, helpers.API_KEY, "bench-warmup", window=params.window).send(warm))
-        _truncate(url, "ingest_ticks", "ingest_source_batches", "ingest_candles", "ingest_candle_log")
+        truncate_tables(url, "ingest_ticks", "ingest_source_batches", "ingest_candles", "ingest_candle_log")
         streamer = TickStreamer(target, helpers.API_KEY, SOURCE_ID, window=params.window)
         meter = _meter(mesh)
         with RssSampler(mesh.ingest_pid) as rss:
@@ -433,7 +273,7 @@ def bench_stream(
             elapsed = time.perf_counter() - started
             cpu = meter.stop()
         mesh.check_alive()
-        stored = _count(url, "ingest_ticks")
+        stored = row_count(url, "ingest_ticks")
     if report.ticks_stored != len(rows) or stored != len(rows):
         raise ScenarioFailed(f"stream stored {report.ticks_stored} (table: {stored}) of {len(rows)} ticks")
     return {
@@ -454,7 +294,7 @@ def _meter(mesh: Mesh) -> CpuMeter:
     others = [s.proc.pid for n, s in mesh.services.items() if n != "ingest" and s.proc is not None]
     groups: dict[str, Callable[[], list[int]]] = {
         "ingest": lambda: [mesh.ingest_pid],
-        "postgres": _postgres_pids,
+        "postgres": postgres_pids,
         "other_services": lambda: others,
     }
     if mesh.envoy is not None:
@@ -480,19 +320,19 @@ def bench_copy(rows: Sequence[TickRow], batch_size: int) -> dict[str, Any]:
     """Binary COPY of the rows into a freshly migrated ingest_ticks, one transaction per batch."""
     batches = batched(rows, batch_size)
     with helpers.postgres_database() as url:
-        _migrate(url)
-        with psycopg.connect(_plain_url(url)) as conn:
+        migrate_database(url)
+        with psycopg.connect(plain_url(url)) as conn:
             _copy(conn, make_ticks(batch_size, ("WARMUP",)))
             conn.execute("TRUNCATE ingest_ticks")
             conn.commit()
-            meter = CpuMeter({"postgres": _postgres_pids})
+            meter = CpuMeter({"postgres": postgres_pids})
             meter.start()
             started = time.perf_counter()
             for batch in batches:
                 _copy(conn, batch)
             elapsed = time.perf_counter() - started
             cpu = meter.stop()
-        stored = _count(url, "ingest_ticks")
+        stored = row_count(url, "ingest_ticks")
     if stored != len(rows):
         raise ScenarioFailed(f"COPY stored {stored} of {len(rows)} rows")
     return {
@@ -508,15 +348,15 @@ def bench_copy(rows: Sequence[TickRow], batch_size: int) -> dict[str, Any]:
 def bench_copy_single(rows: Sequence[TickRow]) -> dict[str, Any]:
     """All rows in one COPY and one transaction: the reference ceiling."""
     with helpers.postgres_database() as url:
-        _migrate(url)
-        with psycopg.connect(_plain_url(url)) as conn:
-            meter = CpuMeter({"postgres": _postgres_pids})
+        migrate_database(url)
+        with psycopg.connect(plain_url(url)) as conn:
+            meter = CpuMeter({"postgres": postgres_pids})
             meter.start()
             started = time.perf_counter()
             _copy(conn, rows)
             elapsed = time.perf_counter() - started
             cpu = meter.stop()
-        stored = _count(url, "ingest_ticks")
+        stored = row_count(url, "ingest_ticks")
     if stored != len(rows):
         raise ScenarioFailed(f"COPY stored {stored} of {len(rows)} rows")
     return {
@@ -730,7 +570,7 @@ def bench_rest(per_request: int, params: Params, workdir: pathlib.Path, client: 
             if params.warmup > 0:
                 _load(client, mesh.envoy.url, workdir, "WU", per_request, params.warmup, params.connections)
                 _settled_count(url, "ingest_candle_log")
-            _truncate(url, "ingest_candles", "ingest_candle_log")
+            truncate_tables(url, "ingest_candles", "ingest_candle_log")
             meter = _meter(mesh)
             meter.start()
             load = _load(
@@ -798,18 +638,18 @@ def bench_baseline(rows: Sequence[TickRow], params: Params, workdir: pathlib.Pat
     warm = json.dumps({"ticks": [tick_json(r) for r in make_ticks(params.batch_size, ("WARMUP",))]}).encode()
     headers = {"X-API-Key": helpers.API_KEY, "Content-Type": "application/json"}
     with helpers.postgres_database() as url:
-        _migrate(url)
+        migrate_database(url)
         with running_baseline(url, workdir) as (base, pid), httpx.Client(base_url=base, timeout=600) as http:
             http.post("/ingest/tick", content=warm, headers=headers).raise_for_status()
-            _truncate(url, "ingest_ticks")
-            meter = CpuMeter({"baseline_app": lambda: [pid], "postgres": _postgres_pids})
+            truncate_tables(url, "ingest_ticks")
+            meter = CpuMeter({"baseline_app": lambda: [pid], "postgres": postgres_pids})
             meter.start()
             started = time.perf_counter()
             for body in bodies:
                 http.post("/ingest/tick", content=body, headers=headers).raise_for_status()
             elapsed = time.perf_counter() - started
             cpu = meter.stop()
-        stored = _count(url, "ingest_ticks")
+        stored = row_count(url, "ingest_ticks")
     if stored != len(rows):
         raise ScenarioFailed(f"baseline stored {stored} of {len(rows)} rows")
     return {
@@ -823,35 +663,6 @@ def bench_baseline(rows: Sequence[TickRow], params: Params, workdir: pathlib.Pat
 
 
 # --- report ----------------------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    with psycopg.connect(helpers.PG_ADMIN) as conn:
-        settings = {
-            name: str(conn.execute(f"SHOW {name}").fetchone()[0])  # type: ignore[index]
-            for name in ("server_version", "synchronous_commit", "fsync", "shared_buffers", "wal_level")
-        }
-        version = str(conn.execute("SELECT version()").fetchone()[0])  # type: ignore[index]
-    envoy = subprocess.run([helpers.envoy_binary(), "--version"], capture_output=True, text=True, check=False)
-    envoy_version = next((p for p in envoy.stdout.split("/") if re.fullmatch(r"\d+\.\d+\.\d+", p)), "")
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "memory_mb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / MIB),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "postgres": version,
-        "postgres_settings": settings,
-        "envoy": envoy_version,
-        "kernel": platform.release(),
-    }
 
 
 def evaluate(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
@@ -1035,47 +846,6 @@ def pick_client(choice: str) -> tuple[str, str]:
     if choice in ("auto", "wrk") and found:
         return found, f"{_wrk_version(found)} at {found} (2 threads, Lua-generated distinct bodies)"
     return "aiohttp", "aiohttp (separate process, one connection per concurrent client)"
-
-
-def _other_load(result: dict[str, Any]) -> float:
-    return float(result.get("cpu_cores", {}).get("other", 0.0))
-
-
-def step(title: str, params: Params, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run one scenario once the machine is quiet; again when others loaded it meanwhile.
-
-    The machine is shared: when processes that are not part of the scenario used more than
-    ``NOISE_LIMIT_CORES`` during it, it is run again (up to ``--noisy-retries`` times) and the run
-    that was least disturbed is kept. Every attempt's disturbance is recorded.
-    """
-    print(f"... {title}", flush=True)
-    attempts: list[dict[str, Any]] = []
-    failures: list[str] = []
-    for attempt in range(1 + params.noisy_retries):
-        background = wait_for_quiet(params.wait_quiet) if params.wait_quiet > 0 else None
-        started = time.monotonic()
-        try:
-            result = run()
-        except ScenarioFailed as exc:
-            failures.append(str(exc)[:500])
-            print(f"    failed: {str(exc)[:300]}", flush=True)
-            if attempt == params.noisy_retries:
-                raise
-            print("    running it again", flush=True)
-            continue
-        if background is not None:
-            result["background_cores_before"] = round(background, 2)
-        attempts.append(result)
-        other = _other_load(result)
-        print(f"    done in {time.monotonic() - started:.1f}s (other load {other:.2f} cores)", flush=True)
-        if other <= NOISE_LIMIT_CORES or attempt == params.noisy_retries:
-            break
-        print("    disturbed by other processes on the machine: running it again", flush=True)
-    best = min(attempts, key=_other_load)
-    best["attempts"] = len(attempts) + len(failures)
-    best["failed_attempts"] = failures
-    best["other_load_by_attempt"] = [_other_load(a) for a in attempts]
-    return best
 
 
 def run_all(params: Params, client: str, workdir: pathlib.Path) -> dict[str, Any]:

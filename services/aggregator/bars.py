@@ -129,8 +129,19 @@ class Values:
         self.ticks += other.ticks
 
     def copy(self) -> Values:
-        """An independent copy."""
-        return dataclasses.replace(self)
+        """An independent copy (a direct constructor call: this is on the hot path)."""
+        return Values(
+            self.open,
+            self.high,
+            self.low,
+            self.close,
+            self.volume,
+            self.spread_sum,
+            self.weight,
+            self.ticks,
+            self.first_us,
+            self.last_us,
+        )
 
     @property
     def prices(self) -> tuple[float, float, float, float, float, float]:
@@ -182,26 +193,29 @@ class Emitted:
 
 def bucket_bounds(ts_us: int, timeframe: Timeframe) -> tuple[int, int]:
     """Start and end (exclusive) of the bucket containing ``ts_us``."""
-    if timeframe is Timeframe.M1:
-        start = ts_us - ts_us % M1_US
-        return start, start + M1_US
+    size = _FIXED_US.get(timeframe)
+    if size is not None:
+        # Up to D1 buckets are fixed multiples aligned on the epoch's midnight: integer arithmetic.
+        start = ts_us - ts_us % size
+        return start, start + size
     start_dt = bucket_start(from_us(ts_us), timeframe)
     if timeframe is Timeframe.MN1:
         end_dt = start_dt.replace(year=start_dt.year + start_dt.month // 12, month=start_dt.month % 12 + 1)
-    elif timeframe is Timeframe.W1:
+    else:  # W1
         end_dt = start_dt + dt.timedelta(days=7)
-    else:
-        end_dt = start_dt + dt.timedelta(minutes=_MINUTES[timeframe])
     return to_us(start_dt), to_us(end_dt)
 
 
-_MINUTES = {
-    Timeframe.M5: 5,
-    Timeframe.M15: 15,
-    Timeframe.M30: 30,
-    Timeframe.H1: 60,
-    Timeframe.H4: 240,
-    Timeframe.D1: 1440,
+_FIXED_US = {Timeframe.M1: M1_US} | {
+    tf: minutes * M1_US
+    for tf, minutes in {
+        Timeframe.M5: 5,
+        Timeframe.M15: 15,
+        Timeframe.M30: 30,
+        Timeframe.H1: 60,
+        Timeframe.H4: 240,
+        Timeframe.D1: 1440,
+    }.items()
 }
 
 
@@ -214,6 +228,9 @@ class SymbolBars:
         self._grace = settings.grace // dt.timedelta(microseconds=1)
         self._retention = settings.retention // dt.timedelta(microseconds=1)
         self.slots: dict[Timeframe, dict[int, Slot]] = {tf: {} for tf in Timeframe}
+        # Starts of the bars not final yet, per timeframe: finalizing looks only at these.
+        self.open: dict[Timeframe, set[int]] = {tf: set() for tf in Timeframe}
+        self._pruned_below = -(2**62)  # the retention edge of the last pruning
         self.latest_tick_us: int | None = None
         self.clock_us: int | None = None
         self.late_dropped = 0
@@ -299,7 +316,7 @@ class SymbolBars:
             start,
             end - 1,
         )
-        slot.final = True
+        self._set_final(candle.timeframe, slot)
         return self._settle({(candle.timeframe, start)})
 
     def advance_clock(self, now_us: int) -> Emitted:
@@ -379,7 +396,15 @@ class SymbolBars:
         if slot is None:
             slot = Slot(start, end, children={} if timeframe is not Timeframe.M1 else None)
             self.slots[timeframe][start] = slot
+            self.open[timeframe].add(start)
         return slot
+
+    def _set_final(self, timeframe: Timeframe, slot: Slot, final: bool = True) -> None:
+        slot.final = final
+        if final:
+            self.open[timeframe].discard(slot.ts_us)
+        else:
+            self.open[timeframe].add(slot.ts_us)
 
     def _settle(self, dirty: set[tuple[Timeframe, int]]) -> Emitted:
         """Roll changes up, finalize what the horizon passed, and publish what changed."""
@@ -401,9 +426,10 @@ class SymbolBars:
                     dirty.add((parent_tf, p_start))
             # Finalize by the horizon: every bar of this timeframe that ended.
             if horizon is not None:
-                for start, slot in self.slots[tf].items():
-                    if not slot.final and slot.end_us <= horizon and slot.effective is not None:
-                        slot.final = True
+                for start in sorted(self.open[tf]):
+                    slot = self.slots[tf][start]
+                    if slot.end_us <= horizon and slot.effective is not None:
+                        self._set_final(tf, slot)
                         dirty.add((tf, start))
             for start in sorted(s for t, s in dirty if t is tf):
                 bar = self._publish(tf, self.slots[tf][start])
@@ -467,7 +493,8 @@ class SymbolBars:
                 slot.ea = values
             else:
                 slot.computed = values
-            slot.revision, slot.final = bar.revision, bar.final
+            slot.revision = bar.revision
+            self._set_final(bar.timeframe, slot, bar.final)
             slot.published, slot.published_final = (values.prices, bar.ea_disagrees), bar.final
         for tf in ORDER[1:]:
             children = self.slots[SOURCE_OF[tf]]
@@ -502,7 +529,8 @@ class SymbolBars:
                 slot.ea = values
             else:
                 slot.computed = values
-            slot.revision, slot.final = bar.revision, bar.final
+            slot.revision = bar.revision
+            self._set_final(bar.timeframe, slot, bar.final)
             slot.published, slot.published_final = (values.prices, bar.ea_disagrees), bar.final
             adopted.append((bar.timeframe, start))
         for tf, start in adopted:
@@ -531,6 +559,9 @@ class SymbolBars:
         if horizon is None:
             return
         oldest = horizon - self._retention
+        if oldest // M1_US <= self._pruned_below // M1_US:
+            return  # prune once per minute of horizon: keeping a bar a little longer is harmless
+        self._pruned_below = oldest
         for tf in Timeframe:
             slots = self.slots[tf]
             for start in [s for s, slot in slots.items() if slot.final and slot.end_us < oldest]:
