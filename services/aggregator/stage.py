@@ -25,8 +25,8 @@ from services.aggregator import metrics
 from services.aggregator.bars import Aggregator, Bar, Emitted
 from services.aggregator.config import AggregatorConfig
 from services.aggregator.store import CANDLES_FEED, TICKS_FEED, AggregatorStore, LoggedBar, UnitOfWork
-from services.common.feed import CommitSignal, follow
-from services.common.live import LiveFanout, merge_live
+from services.common.feed import CommitSignal
+from services.common.live import LiveFanout, live_feed, series_filter
 from services.common.market import Candle, Timeframe, shard_of
 from services.common.protoconv import to_datetime
 
@@ -255,26 +255,15 @@ class AggregationStage:
         async def read(after: int, limit: int) -> list[LoggedBar]:
             return await asyncio.to_thread(self._store.candles_after, after, symbols, timeframes, limit)
 
-        def wants(bar: Bar) -> bool:
-            return (
-                (not symbols or bar.symbol in symbols)
-                and (not timeframes or bar.timeframe in timeframes)
-                and owns(bar.symbol)
-            )
-
-        pages = follow(
+        return live_feed(
             read,
             self.committed,
             cursor,
             page_size=self._config.feed_page_size,
             poll_seconds=self._config.feed_poll_seconds,
-        )
-        return merge_live(
-            pages,
-            lambda logged: (logged.cursor, logged.bar),
-            self.forming if include_forming else None,
-            wants,
-            cursor,
+            unpack=lambda logged: (logged.cursor, logged.bar),
+            fanout=self.forming if include_forming else None,
+            wants=series_filter(symbols, timeframes, owns),
             current=lambda: self.core.forming(symbols or None),
         )
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Generic, Protocol, TypeVar
+
+from services.common.feed import CommitSignal, HasCursor, follow
+from services.common.market import Timeframe
 
 T = TypeVar("T")
-P = TypeVar("P")
+P = TypeVar("P", bound=HasCursor)
 
 
 class SubscriberTooSlow(Exception):
@@ -109,3 +112,45 @@ async def merge_live(
             await pages.aclose()
         if fanout is not None and subscription is not None:
             fanout.unsubscribe(subscription)
+
+
+class _Keyed(Protocol):
+    @property
+    def symbol(self) -> str: ...
+    @property
+    def timeframe(self) -> Timeframe: ...
+
+
+def series_filter(
+    symbols: Sequence[str],
+    timeframes: Sequence[Timeframe],
+    owns: Callable[[str], bool] = lambda _symbol: True,
+) -> Callable[[_Keyed], bool]:
+    """A subscriber's filter: its symbols (all when empty), timeframes (all when empty) and shard."""
+    wanted_symbols, wanted_timeframes = frozenset(symbols), frozenset(timeframes)
+
+    def wants(item: _Keyed) -> bool:
+        return (
+            (not wanted_symbols or item.symbol in wanted_symbols)
+            and (not wanted_timeframes or item.timeframe in wanted_timeframes)
+            and owns(item.symbol)
+        )
+
+    return wants
+
+
+def live_feed(
+    read: Callable[[int, int], Awaitable[Sequence[P]]],
+    signal: CommitSignal,
+    cursor: int,
+    *,
+    page_size: int,
+    poll_seconds: float,
+    unpack: Callable[[P], tuple[int, T]],
+    fanout: LiveFanout[T] | None,
+    wants: Callable[[T], bool],
+    current: Callable[[], Sequence[T]] = tuple,
+) -> AsyncIterator[tuple[int, T]]:
+    """A stage's whole feed: durable pages after ``cursor`` (``follow``) merged with live items."""
+    pages = follow(read, signal, cursor, page_size=page_size, poll_seconds=poll_seconds)
+    return merge_live(pages, unpack, fanout, wants, cursor, current)

@@ -21,8 +21,8 @@ from mt5.aggregator.v1 import aggregator_service_pb2_grpc as agg_grpc
 from mt5.market.v1 import market_pb2
 
 from services.aggregator.bars import Bar, BarSource
-from services.common.feed import CommitSignal, follow
-from services.common.live import LiveFanout, merge_live
+from services.common.feed import CommitSignal
+from services.common.live import LiveFanout, live_feed, series_filter
 from services.common.market import Timeframe, shard_of
 from services.common.protoconv import to_datetime
 from services.indicators import metrics
@@ -180,22 +180,15 @@ class IndicatorStage:
         async def read(after: int, limit: int) -> list[LoggedValues]:
             return await asyncio.to_thread(self._store.values_after, after, symbols, timeframes, limit)
 
-        def wants(v: IndicatorValues) -> bool:
-            return (not symbols or v.symbol in symbols) and (not timeframes or v.timeframe in timeframes)
-
-        pages = follow(
+        return live_feed(
             read,
             self.committed,
             cursor,
             page_size=self._config.feed_page_size,
             poll_seconds=self._config.feed_poll_seconds,
-        )
-        return merge_live(
-            pages,
-            lambda logged: (logged.cursor, logged.values),
-            self.forming if include_forming else None,
-            wants,
-            cursor,
+            unpack=lambda logged: (logged.cursor, logged.values),
+            fanout=self.forming if include_forming else None,
+            wants=series_filter(symbols, timeframes),
         )
 
     def stored(
