@@ -28,7 +28,6 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 import math
 import multiprocessing
 import os
@@ -64,6 +63,7 @@ from bench.common import (
     postgres_pids,
     step,
     wait_for_quiet,
+    write_report,
 )
 from services.aggregator.bars import M1_US, AggregationSettings, Aggregator, to_us
 from services.common.channels import api_key_metadata
@@ -1437,10 +1437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "targets": targets,
             "output": shown,
         }
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        tmp.replace(output)
+        write_report(report, output)
         print_table(report)
         ok = True
     finally:

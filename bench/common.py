@@ -7,6 +7,7 @@ and talks to the local PostgreSQL server that ``tests.helpers`` uses.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import platform
@@ -277,3 +278,11 @@ def step(title: str, policy: QuietPolicy, run: Callable[[], dict[str, Any]]) -> 
     best["failed_attempts"] = failures
     best["other_load_by_attempt"] = [other_load(a) for a in attempts]
     return best
+
+
+def write_report(report: dict[str, Any], output: pathlib.Path) -> None:
+    """Write a results file atomically: a reader never sees half a report."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    tmp.replace(output)

@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 import math
 import multiprocessing
 import pathlib
@@ -78,8 +77,10 @@ from bench.common import (
     postgres_pids,
     step,
     wait_for_quiet,
+    write_report,
 )
 from services.aggregator.bars import M1_US, AggregationSettings, Bar, BarSource, to_us
+from services.aggregator.convert import bar_to_pb
 from services.common import db
 from services.common.channels import api_key_metadata
 from services.common.market import Timeframe
@@ -203,29 +204,7 @@ def interleave(parts: Sequence[Series]) -> list[Bar]:
 
 def bar_message(bar: Bar) -> agg_pb.SubscribeCandlesResponse:
     """A bar as the aggregator's feed delivers it to the indicators stage."""
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(bar.ts)
-    candle = market_pb2.Candle(
-        symbol=bar.symbol,
-        timeframe=bar.timeframe.name,
-        ts=stamp,
-        open=bar.open,
-        high=bar.high,
-        low=bar.low,
-        close=bar.close,
-        volume=bar.volume,
-        spread=bar.spread,
-    )
-    return agg_pb.SubscribeCandlesResponse(
-        cursor=1,
-        bar=market_pb2.Bar(
-            candle=candle,
-            source=f"CANDLE_SOURCE_{bar.source.name}",
-            revision=bar.revision,
-            final=bar.final,
-            tick_count=bar.tick_count,
-        ),
-    )
+    return agg_pb.SubscribeCandlesResponse(cursor=1, bar=bar_to_pb(bar))
 
 
 # --- timing helpers --------------------------------------------------------------------------------
@@ -1708,10 +1687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "targets": targets,
             "output": shown,
         }
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        tmp.replace(output)
+        write_report(report, output)
         print_table(report)
         ok = True
     finally:

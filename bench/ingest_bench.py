@@ -60,6 +60,7 @@ from bench.common import (
     row_count,
     step,
     truncate_tables,
+    write_report,
 )
 from services.ingest.client import TickStreamer
 from tests import helpers
@@ -139,17 +140,7 @@ def tick_json(row: TickRow) -> dict[str, Any]:
 
 def candle_json(symbol: str, minute: int) -> dict[str, Any]:
     ts = dt.datetime.fromtimestamp(CANDLE_EPOCH_SECONDS + 60 * minute, dt.UTC)
-    return {
-        "symbol": symbol,
-        "timeframe": "M1",
-        "ts": ts.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "open": 1.0855,
-        "high": 1.0857,
-        "low": 1.0854,
-        "close": 1.0856,
-        "volume": 150,
-        "spread": 2,
-    }
+    return helpers.SEED_CANDLE | {"symbol": symbol, "ts": ts.strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 # --- the mesh --------------------------------------------------------------------------------------
@@ -919,10 +910,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "targets": targets,
             "output": shown,
         }
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(output)
+        write_report(report, output)
         print_table(report)
         ok = True
     finally:
