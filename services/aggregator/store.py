@@ -88,42 +88,22 @@ class AggregatorStore:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._insert = db.dialect_insert(engine)
 
     def commit(self, work: UnitOfWork) -> None:
         """Write one unit of work in one transaction."""
         with db.write_transaction(self._engine, WRITE_LOCK_KEY) as conn:
-            if work.latest:
-                stmt = self._insert(agg_candles)
-                columns = [c.name for c in agg_candles.columns if c.name not in ("symbol", "timeframe", "ts")]
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=["symbol", "timeframe", "ts"], set_={c: stmt.excluded[c] for c in columns}
-                )
-                conn.execute(stmt, [_row(bar) for bar in work.latest.values()])
+            db.upsert(conn, agg_candles, [_row(bar) for bar in work.latest.values()])
             if work.finals:
                 conn.execute(agg_candle_log.insert(), [_row(bar) for bar in work.finals])
-            if work.symbols:
-                stmt = self._insert(agg_symbols)
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=["symbol"],
-                    set_={
-                        "latest_tick_us": stmt.excluded.latest_tick_us,
-                        "last_tick_cursor": stmt.excluded.last_tick_cursor,
-                    },
-                )
-                conn.execute(
-                    stmt,
-                    [
-                        {"symbol": s, "latest_tick_us": latest, "last_tick_cursor": cursor}
-                        for s, (latest, cursor) in work.symbols.items()
-                    ],
-                )
-            if work.cursors:
-                stmt = self._insert(agg_cursors)
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=["feed"], set_={"cursor": stmt.excluded.cursor}
-                )
-                conn.execute(stmt, [{"feed": f, "cursor": c} for f, c in work.cursors.items()])
+            db.upsert(
+                conn,
+                agg_symbols,
+                [
+                    {"symbol": s, "latest_tick_us": latest, "last_tick_cursor": cursor}
+                    for s, (latest, cursor) in work.symbols.items()
+                ],
+            )
+            db.upsert(conn, agg_cursors, [{"feed": f, "cursor": c} for f, c in work.cursors.items()])
 
     def cursors(self) -> dict[str, int]:
         """The committed input cursors."""

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import pathlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import alembic.command
@@ -73,6 +73,16 @@ def writer(engine: Engine) -> Engine:
 def dialect_insert(engine: Engine) -> Callable[..., Any]:
     """The ``insert`` construct with ``on_conflict_do_*`` for this engine's dialect."""
     return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+
+
+def upsert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert rows, or update every non-key column of the row with the same primary key."""
+    if not rows:
+        return
+    keys = [column.name for column in table.primary_key.columns]
+    stmt = dialect_insert(conn.engine)(table)
+    updates = {name: stmt.excluded[name] for name in rows[0] if name not in keys}
+    conn.execute(stmt.on_conflict_do_update(index_elements=keys, set_=updates), list(rows))
 
 
 @contextlib.contextmanager

@@ -43,7 +43,6 @@ class IndicatorStore:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._insert = db.dialect_insert(engine)
 
     def commit(self, work: IndicatorWork) -> None:
         """Write one unit of work in one transaction; a version already stored is not logged again."""
@@ -62,20 +61,11 @@ class IndicatorStore:
                 fresh = [v for v in work.values if stored.get((v.symbol, v.timeframe, v.ts)) != v]
                 if fresh:
                     conn.execute(ind_log.insert(), [_row(v) for v in fresh])
-                    stmt = self._insert(t)
-                    stmt = stmt.on_conflict_do_update(
-                        index_elements=["symbol", "timeframe", "ts"],
-                        set_={c: stmt.excluded[c] for c in ("revision", *INDICATOR_NAMES)},
-                    )
-                    conn.execute(
-                        stmt, [_row(v) for v in {(v.symbol, v.timeframe, v.ts): v for v in fresh}.values()]
+                    db.upsert(
+                        conn, t, [_row(v) for v in {(v.symbol, v.timeframe, v.ts): v for v in fresh}.values()]
                     )
             if work.cursor is not None:
-                stmt = self._insert(ind_cursors)
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=["feed"], set_={"cursor": stmt.excluded.cursor}
-                )
-                conn.execute(stmt, [{"feed": work.feed, "cursor": work.cursor}])
+                db.upsert(conn, ind_cursors, [{"feed": work.feed, "cursor": work.cursor}])
 
     def cursors(self) -> dict[str, int]:
         """Every committed input cursor, by key."""

@@ -223,16 +223,7 @@ class IngestStore:
             log.append(row)
             latest[candle.key] = row | {"updated_at": now}
         if latest:
-            t = ingest_candles
-            stmt = self._insert(t)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[t.c.symbol, t.c.timeframe, t.c.ts],
-                set_={
-                    name: stmt.excluded[name]
-                    for name in ("open", "high", "low", "close", "volume", "spread", "revision", "updated_at")
-                },
-            )
-            conn.execute(stmt, list(latest.values()))
+            db.upsert(conn, ingest_candles, list(latest.values()))
             conn.execute(ingest_candle_log.insert(), log)
         result: list[list[CandleStatus]] = []
         position = 0
