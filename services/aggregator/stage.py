@@ -22,12 +22,13 @@ from mt5.ingest.v1 import ingest_service_pb2 as ingest_pb
 from mt5.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 
 from services.aggregator import metrics
-from services.aggregator.bars import Aggregator, Bar, Emitted
+from services.aggregator.bars import Aggregator, Bar, Emitted, bucket_bounds
 from services.aggregator.config import AggregatorConfig
 from services.aggregator.store import CANDLES_FEED, TICKS_FEED, AggregatorStore, LoggedBar, UnitOfWork
+from services.common import metrics as common_metrics
 from services.common.feed import CommitSignal
 from services.common.live import LiveFanout, live_feed, series_filter
-from services.common.market import Candle, Timeframe, shard_of
+from services.common.market import Candle, Timeframe, shard_of, to_us
 from services.common.protoconv import to_datetime
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ class AggregationStage:
             if not self.core.is_live(candle.symbol, candle.timeframe, candle.ts):
                 await self._adopt_stored(candle)
             self._record(self.core.add_ea_candle(candle))
+            metrics.INPUT_CURSOR.labels(CANDLES_FEED).set(item.cursor)
             self._cursors[CANDLES_FEED] = item.cursor
             self._pending.cursors[self._feed_keys[CANDLES_FEED]] = item.cursor
             yield None
@@ -192,6 +194,11 @@ class AggregationStage:
             self._pending.symbols[symbol] = (bars.latest_tick_us, bars.last_cursor)
         metrics.TICKS.inc(len(page.ticks))
         metrics.LATE_DROPPED.set(self.core.late_dropped)
+        metrics.INPUT_CURSOR.labels(TICKS_FEED).set(page.cursor)
+        newest = {symbol: self.core.symbols[symbol].latest_tick_us for symbol in columns}
+        common_metrics.DATA_AGE.observe(
+            metrics.STAGE, {symbol: us / 1e6 for symbol, us in newest.items() if us is not None}
+        )
         self._cursors[TICKS_FEED] = page.cursor
         self._pending.cursors[self._feed_keys[TICKS_FEED]] = page.cursor
 
@@ -206,10 +213,14 @@ class AggregationStage:
         self._pending.add(emitted.final, final=True)
         self._pending.add(emitted.forming, final=False)
         self._pending_bars += len(emitted.final) + len(emitted.forming)
+        now_us = to_us(self._now()) if emitted.final else 0
         for bar in emitted.final:
             metrics.BARS.labels(bar.timeframe.name, "revised" if bar.revision else "final").inc()
             if bar.ea_disagrees:
                 metrics.EA_DISAGREEMENTS.inc()
+            if not bar.revision:
+                end_us = bucket_bounds(to_us(bar.ts), bar.timeframe)[1]
+                metrics.BAR_CLOSE_SECONDS.labels(bar.timeframe.name).observe(max(0, now_us - end_us) / 1e6)
         self.forming.publish(emitted.forming)
         self._work_ready.set()
         if self._pending_bars >= self._config.max_pending_bars:
@@ -265,6 +276,7 @@ class AggregationStage:
             fanout=self.forming if include_forming else None,
             wants=series_filter(symbols, timeframes, owns),
             current=lambda: self.core.forming(symbols or None),
+            feed=metrics.CANDLES_FEED,
         )
 
     def candles_stored(

@@ -11,9 +11,11 @@ from typing import Any
 
 import alembic.command
 import alembic.config
-from sqlalchemy import Connection, Engine, Select, Table, create_engine, event, make_url, select, text
+from sqlalchemy import Connection, Engine, Select, Table, create_engine, event, func, make_url, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
+
+from services.common import telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,9 @@ def create_db_engine(url: str, *, pool_size: int = 5) -> Engine:
         # No pool_pre_ping: it costs a round trip per checkout on the hot path. A connection the
         # server dropped fails its transaction (the caller answers UNAVAILABLE; a re-send is
         # deduplicated) and SQLAlchemy discards the whole pool on such disconnect errors.
-        return create_engine(url, pool_size=pool_size, max_overflow=pool_size)
+        engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size)
+        telemetry.instrument_database(engine)
+        return engine
     if parsed.database and parsed.database != ":memory:":
         pathlib.Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
@@ -62,6 +66,7 @@ def create_db_engine(url: str, *, pool_size: int = 5) -> Engine:
         mode = conn.get_execution_options().get("sqlite_begin", "")
         conn.exec_driver_sql(f"BEGIN {mode}".strip())
 
+    telemetry.instrument_database(engine)
     return engine
 
 
@@ -109,6 +114,12 @@ def page_after(
     if timeframes:
         query = query.where(table.c.timeframe.in_(timeframes))
     return query.order_by(table.c.id).limit(limit)
+
+
+def max_id(engine: Engine, table: Table) -> int:
+    """The newest cursor of an append-only log (its largest ``id``; 0 when empty)."""
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.max(table.c.id))).scalar() or 0)
 
 
 def migrate(engine: Engine, revision: str = "head") -> None:

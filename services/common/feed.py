@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from typing import Protocol, TypeVar
+
+from services.common import metrics
 
 T = TypeVar("T", bound="HasCursor")
 
@@ -49,17 +52,34 @@ async def follow(
     *,
     page_size: int = 1000,
     poll_seconds: float = 1.0,
+    feed: str = "",
 ) -> AsyncGenerator[Sequence[T], None]:
-    """Yield every item after ``cursor`` in cursor order, forever, a page at a time."""
-    while True:
-        waiter = signal.waiter()
-        items = await read_after(cursor, page_size)
-        if items:
-            yield items
-            cursor = items[-1].cursor
-        if len(items) < page_size:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter.wait(), poll_seconds)
+    """Yield every item after ``cursor`` in cursor order, forever, a page at a time.
+
+    A named ``feed`` reports the subscription's lag (``mt5_feed_lag_*``, see services.common.metrics).
+    """
+    with metrics.FEED_LAG.track(feed, cursor) if feed else contextlib.nullcontext() as position:
+        while True:
+            waiter = signal.waiter()
+            read_at = time.monotonic()
+            items = await read_after(cursor, page_size)
+            if items:
+                yield items
+                cursor = items[-1].cursor
+            if len(items) < page_size:
+                if position is not None:
+                    # Everything committed before the read started has now been delivered.
+                    position.cursor, position.caught_up_at, position.waiting = cursor, read_at, True
+                notified = waiter.is_set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.wait(), poll_seconds)
+                    # Woken by a commit while waiting: nothing older than now is missing.
+                    if position is not None and not notified:
+                        position.caught_up_at = time.monotonic()
+                if position is not None:
+                    position.waiting = False
+            elif position is not None:
+                position.cursor = cursor
 
 
 class SubscriberSlots:

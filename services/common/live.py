@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
+from services.common import metrics
 from services.common.feed import CommitSignal, HasCursor, follow
 from services.common.market import Timeframe
 
@@ -70,6 +71,7 @@ async def merge_live(
     wants: Callable[[T], bool],
     cursor: int,
     current: Callable[[], Sequence[T]] = tuple,
+    feed: str = "",
 ) -> AsyncIterator[tuple[int, T]]:
     """Durable pages, interleaved with live items when ``fanout`` is given, as (cursor, item).
 
@@ -94,6 +96,7 @@ async def merge_live(
                 waiting |= {next_live, overflow}  # type: ignore[arg-type]
             done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if overflow is not None and overflow in done:
+                metrics.FEED_SLOW_SUBSCRIBERS.labels(feed or "unnamed").inc()
                 raise SubscriberTooSlow
             if next_page in done:
                 for entry in next_page.result():
@@ -150,7 +153,11 @@ def live_feed(
     fanout: LiveFanout[T] | None,
     wants: Callable[[T], bool],
     current: Callable[[], Sequence[T]] = tuple,
+    feed: str = "",
 ) -> AsyncIterator[tuple[int, T]]:
-    """A stage's whole feed: durable pages after ``cursor`` (``follow``) merged with live items."""
-    pages = follow(read, signal, cursor, page_size=page_size, poll_seconds=poll_seconds)
-    return merge_live(pages, unpack, fanout, wants, cursor, current)
+    """A stage's whole feed: durable pages after ``cursor`` (``follow``) merged with live items.
+
+    A named ``feed`` reports each subscription's lag and cut-offs (services.common.metrics).
+    """
+    pages = follow(read, signal, cursor, page_size=page_size, poll_seconds=poll_seconds, feed=feed)
+    return merge_live(pages, unpack, fanout, wants, cursor, current, feed)

@@ -182,6 +182,8 @@ agg_cursors = Table(
 # --- indicators ------------------------------------------------------------------------------
 
 INDICATOR_NAMES = ("rsi", "macd", "macd_signal", "macd_hist", "atr", "bb_upper", "bb_middle", "bb_lower")
+# The bar's own values stored with its indicators (the inference model's other inputs).
+CANDLE_INPUT_NAMES = ("close", "volume", "spread")
 
 
 def indicator_columns() -> list[Column[Any]]:
@@ -192,6 +194,8 @@ def indicator_columns() -> list[Column[Any]]:
         Column("ts", UtcDateTime(), nullable=False),
         Column("revision", Integer(), nullable=False),
         *(Column(name, Price, nullable=True) for name in INDICATOR_NAMES),
+        # NULL only in rows stored before migration 0004.
+        *(Column(name, Price, nullable=True) for name in CANDLE_INPUT_NAMES),
     ]
 
 
@@ -214,6 +218,57 @@ ind_log = Table(
 # The indicators service's cursor on the aggregator's candle feed, committed with its output.
 ind_cursors = Table(
     "ind_cursors",
+    metadata,
+    Column("feed", String(16), primary_key=True),
+    Column("cursor", BigInteger(), nullable=False),
+)
+
+# --- inference -------------------------------------------------------------------------------
+
+
+def signal_columns() -> list[Column[Any]]:
+    """A signal: the model's call on one final candle, and what produced it."""
+    return [
+        Column("symbol", String(32), nullable=False),
+        Column("timeframe", String(3), nullable=False),
+        Column("ts", UtcDateTime(), nullable=False),
+        Column("prob_up", Float(precision=53), nullable=False),
+        Column("label", Integer(), nullable=False),
+        Column("model_version", String(32), nullable=False),
+        Column("candle_revision", Integer(), nullable=False),
+    ]
+
+
+# The latest signal of every final candle.
+inf_signals = Table(
+    "inf_signals",
+    metadata,
+    *signal_columns(),
+    PrimaryKeyConstraint("symbol", "timeframe", "ts"),
+)
+
+# Every published signal version (first, then after a revision or a new model); its id is the
+# signal feed's cursor.
+inf_signal_log = Table(
+    "inf_signal_log",
+    metadata,
+    Column("id", Cursor, primary_key=True, autoincrement=True),
+    *signal_columns(),
+)
+
+# Signals saved on request (the seed's POST /signals/save), read by /signals/history and /latest.
+inf_saved_signals = Table(
+    "inf_saved_signals",
+    metadata,
+    *signal_columns(),
+    Column("saved_at", UtcDateTime(), nullable=False),
+    # Saving the same signal twice keeps one row.
+    PrimaryKeyConstraint("symbol", "timeframe", "ts", "model_version", "candle_revision"),
+)
+
+# The inference service's cursor on the indicators feed, committed with its signals.
+inf_cursors = Table(
+    "inf_cursors",
     metadata,
     Column("feed", String(16), primary_key=True),
     Column("cursor", BigInteger(), nullable=False),

@@ -31,9 +31,17 @@ Probe = Callable[[], Awaitable[bool]]
 class ServiceHost:
     """Owns one service's grpc.aio server and its health status."""
 
-    def __init__(self, config: RuntimeConfig, service_name: str, *, open_methods: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        service_name: str,
+        *,
+        open_methods: Iterable[str] = (),
+        also_served: Iterable[str] = (),
+    ) -> None:
         self.config = config
         self.service_name = service_name
+        self._also_served = tuple(also_served)  # further services registered on the server (reflection)
         self.health = health.aio.HealthServicer()
         interceptors = [
             *telemetry.server_interceptors(bool(config.otlp_endpoint)),
@@ -52,7 +60,7 @@ class ServiceHost:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0
-        self._serving: bool | None = None
+        self._serving: tuple[bool, bool] | None = None  # ("" status, named service status)
         self._stopping = asyncio.Event()
 
     async def start(self) -> int:
@@ -60,6 +68,7 @@ class ServiceHost:
         reflection.enable_server_reflection(
             (
                 self.service_name,
+                *self._also_served,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -73,29 +82,43 @@ class ServiceHost:
         logger.info("listening on %s (port %d)", self.config.listen_address, self.port)
         return self.port
 
-    async def set_serving(self, serving: bool) -> None:
-        """Report SERVING or NOT_SERVING for the server as a whole and for the named service."""
-        if serving == self._serving:
+    async def set_serving(self, serving: bool, service_serving: bool | None = None) -> None:
+        """Report SERVING or NOT_SERVING for the server ("") and for the named service.
+
+        The named service follows the server unless ``service_serving`` says otherwise: a service
+        can be up and answering (the server is SERVING) while its main function is not ready yet.
+        """
+        named = serving if service_serving is None else serving and service_serving
+        if (serving, named) == self._serving:
             return
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in ("", self.service_name):
+        for name, ok in (("", serving), (self.service_name, named)):
+            status = (
+                health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
             await self.health.set(name, status)
-        logger.info("health: %s", "SERVING" if serving else "NOT_SERVING")
-        self._serving = serving
+        logger.info(
+            "health: %s%s",
+            "SERVING" if serving else "NOT_SERVING",
+            "" if named == serving else f" ({self.service_name}: {'SERVING' if named else 'NOT_SERVING'})",
+        )
+        self._serving = (serving, named)
 
     @property
     def serving(self) -> bool:
-        """What health last reported for this service."""
-        return bool(self._serving)
+        """What health last reported for the named service."""
+        return self._serving is not None and self._serving[1]
 
     def request_stop(self) -> None:
         """Begin a graceful stop (what SIGTERM does)."""
         self._stopping.set()
 
     async def run(
-        self, *, warmup: Callable[[], Awaitable[None]], ready: Probe, cleanup: Callable[[], Awaitable[None]]
+        self,
+        *,
+        warmup: Callable[[], Awaitable[None]],
+        ready: Probe,
+        cleanup: Callable[[], Awaitable[None]],
+        service_ready: Callable[[], bool] = lambda: True,
     ) -> None:
         """Serve until SIGTERM/SIGINT: warm up, then track readiness, then stop gracefully."""
         loop = asyncio.get_running_loop()
@@ -107,7 +130,7 @@ class ServiceHost:
         monitor: asyncio.Task[None] | None = None
         try:
             await warmup()
-            monitor = asyncio.create_task(self._track_readiness(ready), name="readiness")
+            monitor = asyncio.create_task(self._track_readiness(ready, service_ready), name="readiness")
             await self._stopping.wait()
         finally:
             logger.info("stopping: draining calls for up to %.1fs", self.config.shutdown_grace_seconds)
@@ -121,14 +144,14 @@ class ServiceHost:
             await cleanup()
             logger.info("stopped")
 
-    async def _track_readiness(self, ready: Probe) -> None:
+    async def _track_readiness(self, ready: Probe, service_ready: Callable[[], bool]) -> None:
         while True:
             try:
                 ok = await asyncio.wait_for(ready(), timeout=self.config.health_probe_seconds * 2)
             except Exception:  # a failing probe means not ready, whatever the cause
                 logger.warning("readiness probe failed", exc_info=True)
                 ok = False
-            await self.set_serving(ok)
+            await self.set_serving(ok, service_ready())
             await asyncio.sleep(self.config.health_probe_seconds)
 
 
@@ -139,12 +162,14 @@ async def run_with_database(
     *,
     prepare: Callable[[], Awaitable[None]] | None = None,
     close: Callable[[], Awaitable[None]] | None = None,
+    service_ready: Callable[[], bool] = lambda: True,
 ) -> None:
     """Serve a service whose heart is one background task over a database.
 
     Warm-up migrates (waiting while the database is unreachable), runs ``prepare`` (e.g. restore
-    state) and starts ``work``. The service is ready while that task runs and the database
-    answers: a task that died would otherwise leave every caller waiting forever.
+    state) and starts ``work``. The server is ready while that task runs and the database
+    answers: a task that died would otherwise leave every caller waiting forever. The named
+    service is ready when, in addition, ``service_ready`` holds (e.g. a model is loaded).
     """
     tasks: list[asyncio.Task[None]] = []
 
@@ -170,7 +195,7 @@ async def run_with_database(
             await close()
         engine.dispose()
 
-    await host.run(warmup=warmup, ready=ready, cleanup=cleanup)
+    await host.run(warmup=warmup, ready=ready, cleanup=cleanup, service_ready=service_ready)
 
 
 def _report_failure(task: asyncio.Task[None]) -> None:

@@ -6,14 +6,18 @@ from mt5.indicators.v1 import indicators_service_pb2 as pb
 from mt5.market.v1 import market_pb2
 
 from services.common.protoconv import timestamp
-from services.common.schema import INDICATOR_NAMES
+from services.common.schema import CANDLE_INPUT_NAMES, INDICATOR_NAMES
 from services.indicators.catalog import Computation, IndicatorFunction
 from services.indicators.engine import IndicatorValues
 
 
 def values_to_pb(v: IndicatorValues) -> market_pb2.IndicatorValues:
     """Values as their message; an indicator still warming up is left unset (absent in JSON)."""
-    present = {name: getattr(v, name) for name in INDICATOR_NAMES if getattr(v, name) is not None}
+    present = {
+        name: getattr(v, name)
+        for name in (*INDICATOR_NAMES, *CANDLE_INPUT_NAMES)
+        if getattr(v, name) is not None
+    }
     return market_pb2.IndicatorValues(
         symbol=v.symbol,
         timeframe=v.timeframe.name,

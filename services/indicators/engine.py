@@ -161,6 +161,12 @@ class IndicatorValues:
     bb_upper: float | None
     bb_middle: float | None
     bb_lower: float | None
+    # The bar's own close, volume and spread: with the indicators they are the inference model's
+    # inputs, so a consumer of this feed needs nothing else. None only in rows stored before
+    # they were recorded.
+    close: float | None = None
+    volume: float | None = None
+    spread: float | None = None
 
     @property
     def warming_up(self) -> bool:
@@ -233,16 +239,16 @@ class _Handles:
 class _Entry:
     """One final bar held: the prices the indicators read, and the handles just before it."""
 
-    __slots__ = ("before", "close", "high", "low", "revision", "ts", "values")
+    __slots__ = ("before", "close", "high", "low", "revision", "spread", "ts", "values", "volume")
 
-    def __init__(
-        self, ts: dt.datetime, revision: int, high: float, low: float, close: float, before: _Handles | None
-    ) -> None:
-        self.ts = ts
-        self.revision = revision
-        self.high = high
-        self.low = low
-        self.close = close
+    def __init__(self, bar: Bar, before: _Handles | None) -> None:
+        self.ts = bar.ts
+        self.revision = bar.revision
+        self.high = bar.high
+        self.low = bar.low
+        self.close = bar.close
+        self.volume = bar.volume
+        self.spread = bar.spread
         # Never mutated: stepping always works on a copy. None for a bar older than the window that
         # is held only for its prices, while a handle warms up (see _Series).
         self.before = before
@@ -456,7 +462,7 @@ class IndicatorEngine:
     # --- internals --------------------------------------------------------------------------------
 
     def _append(self, series: _Series, bar: Bar) -> IndicatorValues:
-        entry = _Entry(bar.ts, bar.revision, bar.high, bar.low, bar.close, series.live.copy())
+        entry = _Entry(bar, series.live.copy())
         series.entries.append(entry)
         values = self._step(series, series.live, len(series.entries) - 1, bar.symbol, bar.timeframe)
         entry.values = values
@@ -477,9 +483,9 @@ class IndicatorEngine:
                 old.revision = bar.revision
                 old.values = dataclasses.replace(old.values, revision=bar.revision)
                 return [old.values]
-            entries[i] = _Entry(bar.ts, bar.revision, bar.high, bar.low, bar.close, old.before)
+            entries[i] = _Entry(bar, old.before)
         else:
-            entries.insert(i, _Entry(bar.ts, bar.revision, bar.high, bar.low, bar.close, entries[i].before))
+            entries.insert(i, _Entry(bar, entries[i].before))
         checkpoint = entries[i].before
         # No checkpoint: a bar older than the window while warming up; replay from the first bar.
         start, state = (i, checkpoint.copy()) if checkpoint is not None else (0, _Handles())
@@ -538,12 +544,14 @@ class IndicatorEngine:
                 _opt(upper),
                 _opt(middle),
                 _opt(lower),
+                e.close,
+                e.volume,
+                e.spread,
             )
         # Still warming up: the series is held from its first bar (see _Series).
         history = _History(series.entries, j + 1)
-        return IndicatorValues(
-            symbol, timeframe, e.ts, e.revision, True, *self._slow(state, history, high, low, close, True)
-        )
+        outputs = self._slow(state, history, high, low, close, True)
+        return _values(symbol, timeframe, e.ts, e.revision, True, outputs, e.close, e.volume, e.spread)
 
     def _peek(self, series: _Series, bar: Bar) -> IndicatorValues:
         """Provisional values of a forming bar after the last final one; commits nothing."""
@@ -666,4 +674,39 @@ class IndicatorEngine:
 
     @staticmethod
     def _values(bar: Bar, final: bool, *outputs: float | None) -> IndicatorValues:
-        return IndicatorValues(bar.symbol, bar.timeframe, bar.ts, bar.revision, final, *outputs)
+        return _values(
+            bar.symbol, bar.timeframe, bar.ts, bar.revision, final, outputs, bar.close, bar.volume, bar.spread
+        )
+
+
+def _values(
+    symbol: str,
+    timeframe: Timeframe,
+    ts: dt.datetime,
+    revision: int,
+    final: bool,
+    outputs: Sequence[float | None],
+    close: float,
+    volume: float,
+    spread: float,
+) -> IndicatorValues:
+    """Values from the eight outputs in INDICATOR_NAMES order and the bar's own inputs."""
+    rsi, macd, signal, hist, atr, upper, middle, lower = outputs
+    return IndicatorValues(
+        symbol,
+        timeframe,
+        ts,
+        revision,
+        final,
+        rsi,
+        macd,
+        signal,
+        hist,
+        atr,
+        upper,
+        middle,
+        lower,
+        close,
+        volume,
+        spread,
+    )

@@ -5,8 +5,11 @@ from __future__ import annotations
 from mt5.indicators.v1 import indicators_service_pb2_grpc as pb_grpc
 
 from services.common import db
+from services.common import metrics as common_metrics
 from services.common.channels import open_channel
+from services.common.schema import ind_log
 from services.common.server import ServiceHost, run_with_database
+from services.indicators import metrics
 from services.indicators.config import SERVICE_NAME, IndicatorsConfig
 from services.indicators.servicer import IndicatorsServicer
 from services.indicators.stage import IndicatorStage
@@ -25,6 +28,7 @@ async def serve(config: IndicatorsConfig, host: ServiceHost | None = None) -> No
     )
     stage = IndicatorStage(config, IndicatorStore(engine), aggregator)
     host = host or ServiceHost(config.runtime, SERVICE_NAME)
+    common_metrics.FEED_LAG.set_head(metrics.VALUES_FEED, lambda: db.max_id(engine, ind_log))
     pb_grpc.add_IndicatorsServiceServicer_to_server(
         IndicatorsServicer(stage, config.max_subscribers), host.server
     )

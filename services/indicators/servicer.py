@@ -76,6 +76,7 @@ class IndicatorsServicer(pb_grpc.IndicatorsServiceServicer):
             optional_time(request, "from"),
             optional_time(request, "to"),
             request.limit or DEFAULT_LIMIT,
+            request.newest,
         )
         return pb.GetIndicatorsResponse(values=[convert.values_to_pb(v) for v in values])
 

@@ -20,10 +20,11 @@ from mt5.aggregator.v1 import aggregator_service_pb2 as agg_pb
 from mt5.aggregator.v1 import aggregator_service_pb2_grpc as agg_grpc
 from mt5.market.v1 import market_pb2
 
-from services.aggregator.bars import Bar, BarSource
+from services.aggregator.bars import Bar, BarSource, bucket_bounds
+from services.common import metrics as common_metrics
 from services.common.feed import CommitSignal
 from services.common.live import LiveFanout, live_feed, series_filter
-from services.common.market import Timeframe, shard_of
+from services.common.market import Timeframe, shard_of, to_us
 from services.common.protoconv import to_datetime
 from services.indicators import metrics
 from services.indicators.config import IndicatorsConfig
@@ -144,12 +145,17 @@ class IndicatorStage:
                 values = self.engine.on_bar(bar)
             except NeedsHistory:
                 # A revision older than the engine's checkpoints: rebuild the series from storage.
+                metrics.REBUILDS.inc()
                 history = await self._stored_bars(bar.symbol, bar.timeframe)
                 values = self.engine.warm(bar.symbol, bar.timeframe, history, report_from=bar.ts)
         if bar.final:
             self._pending.values.extend(values)
             self._pending.cursor = self._cursor = item.cursor
             self._work_ready.set()
+            if bar.revision:
+                metrics.REVISIONS.labels(bar.timeframe.name).inc()
+            end_us = bucket_bounds(to_us(bar.ts), bar.timeframe)[1]
+            common_metrics.DATA_AGE.observe(metrics.STAGE, {bar.symbol: end_us / 1e6})
         else:
             self.forming.publish(values)
 
@@ -163,7 +169,8 @@ class IndicatorStage:
             delay = 0.1
             while True:
                 try:
-                    await asyncio.to_thread(self._store.commit, work)
+                    with metrics.COMMIT_SECONDS.time():
+                        await asyncio.to_thread(self._store.commit, work)
                     break
                 except Exception:  # the database is away: keep the work and retry, in order
                     logger.warning("commit failed; retrying in %.1fs", delay, exc_info=True)
@@ -189,6 +196,7 @@ class IndicatorStage:
             unpack=lambda logged: (logged.cursor, logged.values),
             fanout=self.forming if include_forming else None,
             wants=series_filter(symbols, timeframes),
+            feed=metrics.VALUES_FEED,
         )
 
     def stored(
@@ -198,6 +206,7 @@ class IndicatorStage:
         start: dt.datetime | None,
         end: dt.datetime | None,
         limit: int,
+        newest: bool = False,
     ) -> list[IndicatorValues]:
-        """Stored values (blocking; run in a thread)."""
-        return self._store.values(symbol, timeframe, start, end, limit)
+        """Stored values, oldest first: the first ``limit`` of the range, or the newest (blocking)."""
+        return self._store.values(symbol, timeframe, start, end, limit, newest)

@@ -11,7 +11,7 @@ from sqlalchemy import Engine, and_, func, select, tuple_
 
 from services.common import db
 from services.common.market import Timeframe
-from services.common.schema import INDICATOR_NAMES, ind_cursors, ind_log, ind_values
+from services.common.schema import CANDLE_INPUT_NAMES, INDICATOR_NAMES, ind_cursors, ind_log, ind_values
 from services.indicators.engine import IndicatorValues
 
 WRITE_LOCK_KEY = 0x6D7435_696E6469  # serializes indicator commits across processes (PostgreSQL)
@@ -96,8 +96,9 @@ class IndicatorStore:
         start: dt.datetime | None,
         end: dt.datetime | None,
         limit: int,
+        newest: bool = False,
     ) -> list[IndicatorValues]:
-        """Stored values of a symbol and timeframe, oldest first."""
+        """Stored values of a symbol and timeframe, oldest first: the first ``limit`` or the newest."""
         t = ind_values
         conditions = [t.c.symbol == symbol, t.c.timeframe == timeframe.name]
         if start is not None:
@@ -105,8 +106,12 @@ class IndicatorStore:
         if end is not None:
             conditions.append(t.c.ts < end)
         with self._engine.connect() as conn:
-            rows = conn.execute(select(t).where(and_(*conditions)).order_by(t.c.ts).limit(limit))
-            return [_values(r) for r in rows]
+            order = t.c.ts.desc() if newest else t.c.ts
+            rows = [
+                _values(r)
+                for r in conn.execute(select(t).where(and_(*conditions)).order_by(order).limit(limit))
+            ]
+            return rows[::-1] if newest else rows
 
 
 def _row(v: IndicatorValues) -> dict[str, Any]:
@@ -115,7 +120,7 @@ def _row(v: IndicatorValues) -> dict[str, Any]:
         "timeframe": v.timeframe.name,
         "ts": v.ts,
         "revision": v.revision,
-        **{name: getattr(v, name) for name in INDICATOR_NAMES},
+        **{name: getattr(v, name) for name in (*INDICATOR_NAMES, *CANDLE_INPUT_NAMES)},
     }
 
 
@@ -126,5 +131,5 @@ def _values(r: Any) -> IndicatorValues:
         r.ts,
         r.revision,
         True,
-        *(getattr(r, name) for name in INDICATOR_NAMES),
+        *(getattr(r, name) for name in (*INDICATOR_NAMES, *CANDLE_INPUT_NAMES)),
     )

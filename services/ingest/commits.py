@@ -15,6 +15,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from opentelemetry.trace import SpanContext
+
+from services.common import metrics as common_metrics
+from services.common import telemetry
 from services.common.feed import CommitSignal
 from services.common.market import Candle
 from services.ingest import metrics
@@ -33,6 +37,8 @@ class _Job:
     ticks: TickBatch | None
     candles: Sequence[Candle] | None
     future: asyncio.Future[Any]
+    # The submitter's span, so that the group commit shows up in the request's trace.
+    span: SpanContext | None = dataclasses.field(default_factory=telemetry.current_span_context)
 
     @property
     def size(self) -> int:
@@ -85,16 +91,21 @@ class CommitQueue:
         group = [j for j in group if not j.future.done()]
         if not group:
             return
-        metrics.GROUP_ROWS.observe(sum(j.size for j in group))
+        rows = sum(j.size for j in group)
+        metrics.GROUP_ROWS.observe(rows)
         tick_jobs = [j for j in group if j.ticks is not None]
         candle_jobs = [j for j in group if j.candles is not None]
         started = time.perf_counter()
         try:
-            tick_results, candle_results = await asyncio.to_thread(
-                self._store.commit,
-                [j.ticks for j in tick_jobs if j.ticks is not None],
-                [j.candles for j in candle_jobs if j.candles is not None],
-            )
+            attributes = {"mt5.requests": len(group), "mt5.rows": rows}
+            with telemetry.group_span("ingest.commit", [j.span for j in group], attributes):
+                tick_results, candle_results = await asyncio.to_thread(
+                    self._store.commit,
+                    [j.ticks for j in tick_jobs if j.ticks is not None],
+                    [j.candles for j in candle_jobs if j.candles is not None],
+                )
+                # Inside the span: the line carries the trace id of the requests' trace.
+                logger.debug("committed %d requests (%d rows)", len(group), rows)
         except Exception as exc:  # any database failure fails the whole group, which stored nothing
             metrics.COMMIT_FAILURES.inc()
             logger.warning("commit of %d requests failed: %s", len(group), exc)
@@ -111,3 +122,15 @@ class CommitQueue:
             if not job.future.done():
                 job.future.set_result(result)
         self.committed.notify()
+        _record_data_age(group)
+
+
+def _record_data_age(jobs: Sequence[_Job]) -> None:
+    """The newest market time per symbol of what was just committed: one pass over each batch."""
+    for job in jobs:
+        if job.ticks is not None:
+            # Feeds send ticks in time order: a symbol's last tick in a batch is its newest.
+            newest = {t.symbol: t.ts for t in job.ticks.ticks}
+        else:
+            newest = {c.symbol: c.ts for c in sorted(job.candles or (), key=lambda c: c.ts)}
+        common_metrics.DATA_AGE.observe(metrics.STAGE, newest)

@@ -11,7 +11,7 @@ import grpc
 from mt5.ingest.v1 import ingest_service_pb2 as pb
 from mt5.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 
-from services.common import protoconv
+from services.common import protoconv, telemetry
 from services.common.errors import abort_invalid
 from services.common.feed import SubscriberSlots, follow
 from services.common.market import shard_of
@@ -56,7 +56,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             raw, field = convert.candles_of(request)
             candles = domain.validate_candles(raw, _now(), field)
         except ValidationFailed as exc:
-            metrics.REJECTED.labels("candles").inc()
+            metrics.REJECTED.labels("candles", metrics.rejection_reason(exc.violations[0].field)).inc()
             await abort_invalid(context, exc.violations)
         statuses = await self._guard(context, self._commits.submit_candles(candles))
         _count("candles", statuses)
@@ -69,7 +69,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         try:
             ticks = domain.validate_ticks([convert.raw_tick(t) for t in request.ticks], _now())
         except ValidationFailed as exc:
-            metrics.REJECTED.labels("ticks").inc()
+            metrics.REJECTED.labels("ticks", metrics.rejection_reason(exc.violations[0].field)).inc()
             await abort_invalid(context, exc.violations)
         result = await self._guard(context, self._commits.submit_ticks(TickBatch(ticks)))
         _count("ticks", result.statuses)
@@ -87,8 +87,15 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
 
         async def commit(prepared: tuple[int, TickBatch]) -> pb.StreamTicksResponse:
             sequence, batch = prepared
-            result = await self._commits.submit_ticks(batch)
+            # A stream lasts as long as its feed: each batch is a trace of its own, linked to it.
+            attributes: dict[str, str | int] = {
+                "mt5.source_id": batch.source_id or "",
+                "mt5.sequence": sequence,
+            }
+            with telemetry.message_span("ingest.StreamTicks batch", attributes=attributes):
+                result = await self._commits.submit_ticks(batch)
             _count("ticks", result.statuses)
+            metrics.REPLAYED_BATCHES.inc(result.replayed)
             stored = result.statuses.count(domain.TickStatus.RECEIVED)
             return pb.StreamTicksResponse(
                 sequence=sequence,
@@ -103,7 +110,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             ):
                 yield ack
         except ValidationFailed as exc:
-            metrics.REJECTED.labels("stream").inc()
+            metrics.REJECTED.labels("stream", metrics.rejection_reason(exc.violations[0].field)).inc()
             await abort_invalid(context, exc.violations)
         except StoreUnavailable as exc:
             await context.abort(
@@ -123,7 +130,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         with self._slots.take() as admitted:
             if not admitted:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many subscribers; retry later")
-            async for page in self._follow(read, request.from_cursor):
+            async for page in self._follow(read, request.from_cursor, metrics.TICKS_FEED):
                 yield pb.SubscribeTicksResponse(
                     cursor=page[-1].cursor,
                     ticks=[
@@ -150,7 +157,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         with self._slots.take() as admitted:
             if not admitted:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many subscribers; retry later")
-            async for page in self._follow(read, request.from_cursor):
+            async for page in self._follow(read, request.from_cursor, metrics.CANDLES_FEED):
                 for item in page:
                     if not mine(item.candle.symbol):
                         continue
@@ -180,7 +187,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         return lambda symbol: shard_of(symbol, count) == index
 
     def _follow(
-        self, read: Callable[[int, int], Awaitable[list[_Item]]], cursor: int
+        self, read: Callable[[int, int], Awaitable[list[_Item]]], cursor: int, feed: str
     ) -> AsyncIterator[Sequence[_Item]]:
         return follow(
             read,
@@ -188,6 +195,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             cursor,
             page_size=self._config.feed_page_size,
             poll_seconds=self._config.feed_poll_seconds,
+            feed=feed,
         )
 
     @staticmethod

@@ -84,6 +84,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         admin_port=args.admin_port,
         descriptor_path=DESCRIPTOR,
         upstreams=upstreams,
+        # Envoy's own spans go where the services' go; without an endpoint no tracer is rendered.
+        otlp_endpoint=args.otlp_endpoint,
     )
     envoy_config = write_config(render_config(load_base_config(), settings), data_dir / "envoy.yaml")
     common = {"MT5MESH_API_KEY": key, "DATABASE_URL": args.database_url, "LOG_LEVEL": args.log_level}
@@ -104,6 +106,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     upstream_of = {
         "aggregator": ("AGGREGATOR_INGEST_ADDRESS", "ingest"),
         "indicators": ("INDICATORS_AGGREGATOR_ADDRESS", "aggregator"),
+        "inference": ("INFERENCE_INDICATORS_ADDRESS", "indicators"),
     }
     children = []
     for i, name in enumerate(SERVICES):
@@ -117,6 +120,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             }
             if name == "ingest":
                 env["INGEST_MESH_PEERS"] = peers
+            if name == "inference":
+                env["INFERENCE_MODELS_DIR"] = str(pathlib.Path(args.models_dir).resolve())
             if name in upstream_of:
                 # The upstream shard with the same index: the only one with this shard's forming bars.
                 variable, upstream = upstream_of[name]
@@ -242,6 +247,129 @@ def cmd_send_ticks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse(command: str, option: str, message: str) -> int:
+    """One line naming the offending option, and the usage-error exit code."""
+    print(f"mt5mesh {command}: error: {option}: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the signal model on stored candles and indicators, report it against baselines, save it."""
+    # Imported here, not at the top: torch is an optional extra and slow to import, and no other
+    # command needs it.
+    from services.inference import training
+    from services.inference.dataset import UnknownSymbols, load_dataset
+    from services.inference.evaluation import NotEnoughData
+    from services.inference.registry import ModelRegistry, check_name
+
+    try:
+        check_name(args.name)
+    except ValueError as exc:
+        return _refuse("train", "--name", str(exc))
+    symbols = list(dict.fromkeys(s.strip() for s in args.symbols.split(",") if s.strip()))
+    if not symbols:
+        return _refuse("train", "--symbols", "give at least one symbol, e.g. EURUSD,GBPUSD")
+    if args.timeframe not in Timeframe.__members__:
+        return _refuse(
+            "train", "--timeframe", f"{args.timeframe!r} is not one of {', '.join(Timeframe.__members__)}"
+        )
+    moments = {}
+    for option, text in (("--from", args.start), ("--to", args.end)):
+        try:
+            moments[option] = _utc(text)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            return _refuse("train", option, f"{text!r} is not an RFC 3339 time with a zone ({exc})")
+    start, end = moments["--from"], moments["--to"]
+    if start >= end:
+        return _refuse("train", "--from", f"{args.start} is not before --to {args.end}")
+    for option, value, least in (
+        ("--window", args.window, 1),
+        ("--horizon", args.horizon, 1),
+        ("--epochs", args.epochs, 1),
+        ("--seed", args.seed, 0),
+    ):
+        if value is not None and value < least:
+            return _refuse("train", option, f"must be at least {least}, got {value}")
+    epochs = {"epochs": args.epochs} if args.epochs is not None else {}
+    settings = training.TrainingSettings(window=args.window, horizon=args.horizon, seed=args.seed, **epochs)
+    engine = db.create_db_engine(args.database_url)
+    db.migrate(engine)
+    try:
+        dataset = load_dataset(
+            engine, symbols, args.timeframe, start, end, window=settings.window, horizon=settings.horizon
+        )
+    except UnknownSymbols as exc:
+        return _refuse("train", "--symbols", str(exc))
+    finally:
+        engine.dispose()
+    try:
+        result = training.train(dataset, settings, progress=not args.no_progress)
+    except NotEnoughData as exc:
+        return _refuse("train", "--from/--to", str(exc))
+    registry = ModelRegistry(pathlib.Path(args.models_dir))
+    try:
+        manifest = training.save(
+            registry,
+            result,
+            name=args.name,
+            timeframe=args.timeframe,
+            symbols=symbols,
+            data_from=start,
+            data_to=end,
+        )
+    except ValueError as exc:
+        return _refuse("train", "--name", str(exc))
+    print(
+        f"{args.name}: {', '.join(symbols)} {args.timeframe} {start.isoformat()} .. {end.isoformat()}, "
+        f"window {settings.window}, horizon {settings.horizon}, seed {settings.seed}"
+    )
+    print("\n".join(result.report.lines()))
+    print(f"saved {args.name} {manifest.version} in {registry.root / args.name / manifest.version}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List trained model versions with their key test metrics (manifests only, weights unread)."""
+    from services.inference.registry import MANIFEST, Manifest, ModelRefused, ModelRegistry
+
+    registry = ModelRegistry(pathlib.Path(args.models_dir))
+    if args.name:
+        names = [args.name]
+    else:
+        names = (
+            sorted(p.name for p in registry.root.iterdir() if p.is_dir()) if registry.root.is_dir() else []
+        )
+    found = [(name, version) for name in names for version in registry.versions(name)]
+    if not found:
+        print(f"no trained models in {registry.root}")
+        return 0
+    print(
+        f"{'name':<16}{'version':<9}{'created':<27}{'tf':<5}{'window':>7}{'horizon':>8}{'threshold':>10}"
+        f"{'roc_auc':>9}{'log_loss':>9}{'f1':>8}{'logit auc':>10}  symbols"
+    )
+
+    def cell(values: Any, key: str, width: int) -> str:
+        value = values.get(key)
+        return (f"{value:.4f}" if isinstance(value, int | float) else "n/a").rjust(width)
+
+    for name, version in found:
+        try:
+            text = (registry.root / name / version / MANIFEST).read_text(encoding="utf-8")
+            manifest = Manifest.from_json(json.loads(text))
+        except (OSError, ValueError, ModelRefused) as exc:
+            print(f"{name:<16}{version:<9}unreadable manifest: {exc}")
+            continue
+        model, logistic = manifest.metrics.get("model", {}), manifest.metrics.get("logistic", {})
+
+        print(
+            f"{name:<16}{version:<9}{manifest.created:<27}{manifest.timeframe:<5}{manifest.window:>7}"
+            f"{manifest.horizon:>8}{manifest.threshold:>10.4f}{cell(model, 'roc_auc', 9)}"
+            f"{cell(model, 'log_loss', 9)}{cell(model, 'f1', 8)}{cell(logistic, 'roc_auc', 10)}"
+            f"  {','.join(manifest.symbols)}"
+        )
+    return 0
+
+
 def build_parser(config: MeshConfig) -> argparse.ArgumentParser:
     """The command line, with defaults from the environment."""
     parser = argparse.ArgumentParser(prog="mt5mesh", description=__doc__)
@@ -257,6 +385,9 @@ def build_parser(config: MeshConfig) -> argparse.ArgumentParser:
         "--api-key", default=config.api_key, help="default: MT5MESH_API_KEY, else generated into ./data"
     )
     up.add_argument("--data-dir", default=str(config.data_dir))
+    up.add_argument(
+        "--models-dir", default="models", help="model registry the inference service serves from (hot reload)"
+    )
     up.add_argument("--base-port", type=int, default=50050, help="services listen on base+1 .. base+4")
     up.add_argument("--admin-port", type=int, default=9901, help="Envoy admin, bound to 127.0.0.1")
     up.add_argument(
@@ -304,6 +435,24 @@ def build_parser(config: MeshConfig) -> argparse.ArgumentParser:
     send.add_argument("--count", type=int, default=10_000)
     send.add_argument("--batch-size", type=int, default=500)
     send.set_defaults(func=cmd_send_ticks)
+    fit = sub.add_parser("train", help="train the signal model on stored candles and indicators")
+    fit.add_argument("--database-url", default=config.database_url)
+    fit.add_argument("--symbols", required=True, help="comma-separated, e.g. EURUSD,GBPUSD")
+    fit.add_argument("--timeframe", required=True, help="M1, M5, M15, M30, H1, H4, D1, W1 or MN1")
+    fit.add_argument("--from", dest="start", required=True, help="RFC 3339, e.g. 2025-01-01T00:00:00Z")
+    fit.add_argument("--to", dest="end", required=True, help="exclusive end, RFC 3339")
+    fit.add_argument("--name", default="signals", help="model name in the registry")
+    fit.add_argument("--models-dir", default="models", help="registry root folder")
+    fit.add_argument("--window", type=int, default=10, help="candles per feature row")
+    fit.add_argument("--horizon", type=int, default=5, help="candles ahead the target looks")
+    fit.add_argument("--epochs", type=int, default=None, help="at most this many (early stopping)")
+    fit.add_argument("--seed", type=int, default=42)
+    fit.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    fit.set_defaults(func=cmd_train)
+    models = sub.add_parser("models", help="list trained model versions and their test metrics")
+    models.add_argument("--models-dir", default="models", help="registry root folder")
+    models.add_argument("--name", default="", help="only this model")
+    models.set_defaults(func=cmd_models)
     return parser
 
 

@@ -1,11 +1,15 @@
 """Render the Envoy gateway configuration for an environment.
 
 ``envoy/envoy.yaml`` is the production configuration (Kubernetes: service DNS names, port 8080, the
-descriptor mounted under /etc/envoy). Running the mesh anywhere else needs the same gateway with other
-ports, loopback addresses and a local descriptor path. Rather than keep a second config or a template,
-this module loads the production file and edits the parsed structure, so there is exactly one source of
-routes, filters and limits, and a renamed or missing section fails loudly here instead of rendering a
-config that silently differs.
+descriptor mounted under /etc/envoy, traces to Jaeger, Envoy's metrics on port 9902). Running the mesh
+anywhere else needs the same gateway with other ports, loopback addresses and a local descriptor path.
+Rather than keep a second config or a template, this module loads the production file and edits the
+parsed structure, so there is exactly one source of routes, filters and limits, and a renamed or
+missing section fails loudly here instead of rendering a config that silently differs.
+
+Two parts are optional in a rendering: the tracer (kept, with its collector cluster pointed at
+``otlp_endpoint``, only when one is given) and the metrics listener (kept only with a
+``metrics_port``; locally Prometheus can scrape ``/stats/prometheus`` on the loopback admin port).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import os
 import pathlib
 import tempfile
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +37,13 @@ DEFAULT_CONFIG_PATH = pathlib.Path(__file__).resolve().parents[2] / "envoy" / "e
 _TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
 _HTTP_CONNECTION_MANAGER = "envoy.filters.network.http_connection_manager"
 _ADMIN_ADDRESS = "127.0.0.1"
+_METRICS_LISTENER = "metrics"
+# Clusters that are not mesh services: the admin interface behind the metrics listener, and the OTLP
+# collector the tracer exports to.
+ADMIN_CLUSTER = "envoy_admin"
+COLLECTOR_CLUSTER = "opentelemetry_collector"
+_INTERNAL_CLUSTERS = (ADMIN_CLUSTER, COLLECTOR_CLUSTER)
+_OTLP_DEFAULT_PORT = 4317
 # Fields that only mean something for DNS-resolved clusters; dropped when a cluster becomes STATIC.
 _DNS_ONLY_FIELDS = ("dns_refresh_rate", "dns_failure_refresh_rate", "dns_lookup_family", "respect_dns_ttl")
 
@@ -40,9 +52,15 @@ _DNS_ONLY_FIELDS = ("dns_refresh_rate", "dns_failure_refresh_rate", "dns_lookup_
 class GatewaySettings:
     """Where the rendered gateway listens and where it finds its upstreams.
 
-    ``upstreams`` maps every cluster of the base configuration to ``(host, port)``, or to a list of
-    them (replicas or shards of one service). IP addresses make the cluster STATIC; host names keep
-    it DNS-resolved (STRICT_DNS).
+    ``upstreams`` maps every service cluster of the base configuration to ``(host, port)``, or to a
+    list of them (replicas or shards of one service). IP addresses make the cluster STATIC; host
+    names keep it DNS-resolved (STRICT_DNS).
+
+    ``otlp_endpoint`` is the OTLP/gRPC collector of Envoy's tracer (``http://host:4317`` or
+    ``host:4317``; plain HTTP/2, no TLS); empty renders no tracer. ``trace_sampling_percent`` is the
+    share of new traces sampled (a request carrying a ``traceparent`` keeps its caller's decision).
+    ``metrics_port`` serves Envoy's ``/stats/prometheus`` on ``listen_address``; None renders no
+    metrics listener.
     """
 
     listen_port: int
@@ -50,6 +68,9 @@ class GatewaySettings:
     descriptor_path: pathlib.Path
     upstreams: Mapping[str, Endpoint | Sequence[Endpoint]]
     listen_address: str = "0.0.0.0"  # noqa: S104 - the gateway serves other hosts by design
+    otlp_endpoint: str = ""
+    trace_sampling_percent: float = 100.0
+    metrics_port: int | None = None
 
 
 def load_base_config(path: pathlib.Path | None = None) -> dict[str, Any]:
@@ -71,19 +92,25 @@ def render_config(base: Mapping[str, Any], settings: GatewaySettings) -> dict[st
     """Return a copy of ``base`` set up for ``settings``; ``base`` itself is left untouched.
 
     Sets the listener address and port, binds the admin interface to 127.0.0.1 on
-    ``settings.admin_port``, points the gRPC-JSON transcoder at ``settings.descriptor_path`` and gives
-    each cluster its address from ``settings.upstreams``.
+    ``settings.admin_port``, points the gRPC-JSON transcoder at ``settings.descriptor_path``, gives
+    each service cluster its address from ``settings.upstreams``, and keeps or drops the tracer and
+    the metrics listener (see GatewaySettings).
 
     Raises:
-        ValueError: ``settings`` is inconsistent (a port out of range, listener and admin on the same
-            port, a cluster without an upstream or an upstream naming no cluster), or ``base`` lacks
-            a section this function edits.
+        ValueError: ``settings`` is inconsistent (a port out of range, two listeners or the admin on
+            the same port, a cluster without an upstream or an upstream naming no cluster, an OTLP
+            endpoint that is not plain http://host:port), or ``base`` lacks a section this function
+            edits.
 
     """
     _check_port("listen_port", settings.listen_port)
     _check_port("admin_port", settings.admin_port)
-    if settings.listen_port == settings.admin_port:
-        raise ValueError(f"listen_port and admin_port are both {settings.listen_port}")
+    ports = {"listen_port": settings.listen_port, "admin_port": settings.admin_port}
+    if settings.metrics_port is not None:
+        _check_port("metrics_port", settings.metrics_port)
+        ports["metrics_port"] = settings.metrics_port
+    if len(set(ports.values())) < len(ports):
+        raise ValueError(f"listen_port, admin_port and metrics_port must differ: {ports}")
 
     # A plain recursive copy rather than copy.deepcopy: the YAML anchors of the base file (shared
     # health checks, circuit breakers...) load as shared objects, and deepcopy would keep them shared,
@@ -91,16 +118,25 @@ def render_config(base: Mapping[str, Any], settings: GatewaySettings) -> dict[st
     config: dict[str, Any] = _copy_tree(base)
 
     listeners = _get_list(config, "static_resources", "listeners")
-    if len(listeners) != 1:
-        raise ValueError(f"expected exactly one listener in the base config, found {len(listeners)}")
-    _set_socket_address(listeners[0], settings.listen_address, settings.listen_port)
+    names = [listener.get("name") for listener in listeners]
+    if names[:1] == [_METRICS_LISTENER] or len(listeners) - names.count(_METRICS_LISTENER) != 1:
+        raise ValueError(f"expected the gateway listener first, then at most a metrics listener: {names}")
+    gateway = listeners[0]
+    _set_socket_address(gateway, settings.listen_address, settings.listen_port)
     _set_socket_address(_get_dict(config, "admin"), _ADMIN_ADDRESS, settings.admin_port)
 
-    transcoder = _find_transcoder(listeners[0])
+    transcoder = _find_transcoder(gateway)
     transcoder["proto_descriptor"] = str(settings.descriptor_path)
 
     clusters = _get_list(config, "static_resources", "clusters")
-    _render_clusters(clusters, settings.upstreams)
+    internal = {_cluster_name(c): c for c in clusters if _cluster_name(c) in _INTERNAL_CLUSTERS}
+    services = [c for c in clusters if _cluster_name(c) not in _INTERNAL_CLUSTERS]
+    _render_clusters(services, settings.upstreams)
+    keep = [
+        _render_tracing(_connection_manager(gateway), internal.get(COLLECTOR_CLUSTER), settings),
+        _render_metrics(listeners, internal.get(ADMIN_CLUSTER), settings),
+    ]
+    clusters[:] = [*services, *(cluster for cluster in keep if cluster is not None)]
     logger.debug(
         "rendered gateway config",
         extra={"listen_port": settings.listen_port, "admin_port": settings.admin_port},
@@ -129,6 +165,71 @@ def write_config(config: Mapping[str, Any], path: pathlib.Path) -> pathlib.Path:
         raise
     logger.info("wrote gateway config", extra={"path": str(path)})
     return path
+
+
+def _render_tracing(
+    manager: dict[str, Any], collector: dict[str, Any] | None, settings: GatewaySettings
+) -> dict[str, Any] | None:
+    """Point the tracer at ``settings.otlp_endpoint``, or drop it; the collector cluster to keep."""
+    if not settings.otlp_endpoint:
+        manager.pop("tracing", None)
+        return None
+    tracing = _as_dict(manager.get("tracing"), "gateway http_connection_manager tracing")
+    provider = _as_dict(_as_dict(tracing.get("provider"), "tracing provider").get("typed_config"), "tracer")
+    grpc_service = _as_dict(provider.get("grpc_service"), "tracer grpc_service")
+    cluster_name = _as_dict(grpc_service.get("envoy_grpc"), "tracer envoy_grpc").get("cluster_name")
+    if cluster_name != COLLECTOR_CLUSTER or collector is None:
+        raise ValueError(f"base config: the tracer must export to a cluster named {COLLECTOR_CLUSTER}")
+    if not 0 <= settings.trace_sampling_percent <= 100:
+        raise ValueError(f"trace_sampling_percent must be in 0..100, got {settings.trace_sampling_percent}")
+    ratio = _as_dict(
+        _as_dict(
+            _as_dict(provider.get("sampler"), "tracer sampler").get("typed_config"), "sampler config"
+        ).get("wrapped_sampler"),
+        "parent-based sampler's wrapped_sampler",
+    )
+    percent = settings.trace_sampling_percent
+    _as_dict(ratio.get("typed_config"), "trace_id_ratio_based sampler")["sampling_percentage"] = (
+        {"numerator": int(percent), "denominator": "HUNDRED"}
+        if percent == int(percent)
+        # Millionths: 0.5 % is 5000 / MILLION.
+        else {"numerator": round(percent * 10_000), "denominator": "MILLION"}
+    )
+    _render_clusters([collector], {COLLECTOR_CLUSTER: otlp_host_port(settings.otlp_endpoint)})
+    return collector
+
+
+def otlp_host_port(endpoint: str) -> Endpoint:
+    """``http://host:port`` or ``host:port`` (port 4317 when absent) as ``(host, port)``.
+
+    Raises:
+        ValueError: not plain HTTP (Envoy's tracer is rendered without TLS), or no host.
+
+    """
+    parsed = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    if parsed.scheme != "http" or not parsed.hostname or parsed.path not in ("", "/"):
+        raise ValueError(
+            f"OTLP endpoint {endpoint!r}: Envoy's tracer needs a plain OTLP/gRPC address, "
+            "http://host:port or host:port (a local collector such as Jaeger; no TLS)"
+        )
+    return parsed.hostname, parsed.port or _OTLP_DEFAULT_PORT
+
+
+def _render_metrics(
+    listeners: list[Any], admin: dict[str, Any] | None, settings: GatewaySettings
+) -> dict[str, Any] | None:
+    """Serve /stats/prometheus on ``settings.metrics_port``, or drop that listener; the cluster to keep."""
+    metrics = [listener for listener in listeners if listener.get("name") == _METRICS_LISTENER]
+    if settings.metrics_port is None:
+        listeners[:] = [listener for listener in listeners if listener.get("name") != _METRICS_LISTENER]
+        return None
+    if not metrics or admin is None:
+        raise ValueError(
+            f"base config: metrics_port needs a {_METRICS_LISTENER} listener and {ADMIN_CLUSTER}"
+        )
+    _set_socket_address(metrics[0], settings.listen_address, settings.metrics_port)
+    _render_clusters([admin], {ADMIN_CLUSTER: (_ADMIN_ADDRESS, settings.admin_port)})
+    return admin
 
 
 def _render_clusters(clusters: list[Any], upstreams: Mapping[str, Endpoint | Sequence[Endpoint]]) -> None:
@@ -184,15 +285,19 @@ def _cluster_name(cluster: Any) -> str:
     return name
 
 
-def _find_transcoder(listener: Mapping[str, Any]) -> dict[str, Any]:
+def _connection_manager(listener: Mapping[str, Any]) -> dict[str, Any]:
     for chain in _as_list(listener.get("filter_chains"), "listener filter_chains"):
         for network_filter in _as_list(chain.get("filters"), "filter_chain filters"):
-            if network_filter.get("name") != _HTTP_CONNECTION_MANAGER:
-                continue
-            manager = _as_dict(network_filter.get("typed_config"), "http_connection_manager typed_config")
-            for http_filter in _as_list(manager.get("http_filters"), "http_filters"):
-                if http_filter.get("name") == _TRANSCODER_FILTER:
-                    return _as_dict(http_filter.get("typed_config"), f"{_TRANSCODER_FILTER} typed_config")
+            if network_filter.get("name") == _HTTP_CONNECTION_MANAGER:
+                return _as_dict(network_filter.get("typed_config"), "http_connection_manager typed_config")
+    raise ValueError(f"no {_HTTP_CONNECTION_MANAGER} in the base config's gateway listener")
+
+
+def _find_transcoder(listener: Mapping[str, Any]) -> dict[str, Any]:
+    manager = _connection_manager(listener)
+    for http_filter in _as_list(manager.get("http_filters"), "http_filters"):
+        if http_filter.get("name") == _TRANSCODER_FILTER:
+            return _as_dict(http_filter.get("typed_config"), f"{_TRANSCODER_FILTER} typed_config")
     raise ValueError(f"no {_TRANSCODER_FILTER} filter in the base config's listener")
 
 

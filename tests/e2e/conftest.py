@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import pathlib
 from collections.abc import Iterator
 
 import httpx
@@ -23,6 +24,8 @@ class Mesh:
     envoy: helpers.EnvoyProcess
     engine: Engine
     backend: str
+    database_url: str
+    models_dir: pathlib.Path
 
     @property
     def url(self) -> str:
@@ -44,20 +47,26 @@ def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     workdir = tmp_path_factory.mktemp(f"mesh-{request.param}")
     sqlite = contextlib.nullcontext(helpers.sqlite_url(workdir))
     with helpers.postgres_database() if request.param == "postgresql" else sqlite as url:
-        ingest_port, aggregator_port = helpers.free_port(), helpers.free_port()
+        ports = {name: helpers.free_port() for name in helpers.SERVICES}
         extra = {
-            "aggregator": {"AGGREGATOR_INGEST_ADDRESS": f"127.0.0.1:{ingest_port}"},
-            "indicators": {"INDICATORS_AGGREGATOR_ADDRESS": f"127.0.0.1:{aggregator_port}"},
+            "aggregator": {"AGGREGATOR_INGEST_ADDRESS": f"127.0.0.1:{ports['ingest']}"},
+            "indicators": {"INDICATORS_AGGREGATOR_ADDRESS": f"127.0.0.1:{ports['aggregator']}"},
+            "inference": {
+                "INFERENCE_INDICATORS_ADDRESS": f"127.0.0.1:{ports['indicators']}",
+                "INFERENCE_MODELS_DIR": str(workdir / "models"),
+                "INFERENCE_RELOAD_SECONDS": "0.2",
+                "INFERENCE_FEED_POLL_SECONDS": "0.1",
+            },
         }
         others = {
-            name: helpers.make_service(
-                name, url, workdir, extra.get(name), port=aggregator_port if name == "aggregator" else None
-            )
+            name: helpers.make_service(name, url, workdir, extra.get(name), port=ports[name])
             for name in helpers.SERVICES
             if name != "ingest"
         }
         peers = ",".join(f"{n}={s.address}" for n, s in others.items())
-        ingest = helpers.make_service("ingest", url, workdir, {"INGEST_MESH_PEERS": peers}, port=ingest_port)
+        ingest = helpers.make_service(
+            "ingest", url, workdir, {"INGEST_MESH_PEERS": peers}, port=ports["ingest"]
+        )
         services = {"ingest": ingest, **others}
         engine = db.create_db_engine(url)
         envoy = None
@@ -68,7 +77,7 @@ def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
                 service.wait_serving()
             envoy = helpers.start_envoy({n: s.port for n, s in services.items()}, workdir)
             helpers.wait_until(lambda: _healthy(envoy.url), 30, what="gateway /health 200")
-            yield Mesh(services, envoy, engine, request.param)
+            yield Mesh(services, envoy, engine, request.param, url, workdir / "models")
         finally:
             if envoy is not None:
                 envoy.stop()

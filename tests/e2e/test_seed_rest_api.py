@@ -269,9 +269,20 @@ def test_ingest_too_many_items_400_names_items(mesh: Mesh) -> None:
     assert "items" in violations(response)
 
 
-def test_unbuilt_service_route_answers_501_not_a_fake_value(mesh: Mesh) -> None:
-    response = httpx.get(mesh.url + "/signals", params={"timeframe": "M1"}, headers={"X-API-Key": API_KEY})
-    assert response.status_code == 501
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/signals?timeframe=M1",
+        "/signals/latest?timeframe=M1",
+        "/signals/history?symbol=EURUSD&timeframe=M1",
+        "/v1/signals?timeframe=M1",
+        "/model",
+    ],
+)
+def test_signal_routes_without_a_trained_model_answer_503_not_a_fake_value(mesh: Mesh, path: str) -> None:
+    response = httpx.get(mesh.url + path, headers={"X-API-Key": API_KEY})
+    assert response.status_code == 503
+    assert "no model: run mt5mesh train" in response.text
 
 
 def test_health_one_service_down_503_names_it(mesh: Mesh) -> None:

@@ -115,6 +115,8 @@ EXPECTED_EDGES = frozenset(
         *{(c, "timescaledb", 5432, "TCP") for c in DATABASE_CLIENTS},
         *{(s, "jaeger", 4317, "TCP") for s in (*SERVICES, "gateway")},
         *{("prometheus", s, METRICS_PORTS[s], "TCP") for s in SERVICES},
+        # Envoy's metrics listener (envoy/envoy.yaml).
+        ("prometheus", "gateway", 9902, "TCP"),
         *{(w, "kube-dns", 53, proto) for w in WORKLOADS for proto in ("UDP", "TCP")},
     }
 )
@@ -1057,14 +1059,18 @@ def test_gateway_mounts_config_where_envoy_reads_it(rendered: dict[str, Rendered
         assert config_arg.name == "envoy.yaml"
         assert descriptor_path.name == "mt5mesh.binpb"
         port = listener["address"]["socket_address"]["port_value"]
-        assert {p["containerPort"] for p in container["ports"]} == {port}
+        listener_ports = {
+            one["address"]["socket_address"]["port_value"] for one in envoy["static_resources"]["listeners"]
+        }
+        assert {p["containerPort"] for p in container["ports"]} == listener_ports
         for probe in ("livenessProbe", "readinessProbe"):
             assert container[probe]["tcpSocket"]["port"] == port
 
 
 def test_envoy_clusters_resolve_to_headless_services_of_serving_pods(rendered: dict[str, Rendered]) -> None:
     envoy = yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text(encoding="utf-8"))
-    clusters = envoy["static_resources"]["clusters"]
+    internal = {"envoy_admin", "opentelemetry_collector"}  # the admin interface, the tracer's collector
+    clusters = [c for c in envoy["static_resources"]["clusters"] if c["name"] not in internal]
     assert {c["name"] for c in clusters} == set(SERVICES)
     for r in rendered.values():
         for cluster in clusters:
@@ -1082,6 +1088,19 @@ def test_envoy_clusters_resolve_to_headless_services_of_serving_pods(rendered: d
                 p["name"]: p["containerPort"] for p in pods[0]["spec"]["containers"][0]["ports"]
             }
             assert container_ports[service_port["targetPort"]] == port
+
+
+def test_envoy_tracer_exports_to_jaeger_otlp_grpc_port(rendered: dict[str, Rendered]) -> None:
+    envoy = yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text(encoding="utf-8"))
+    (collector,) = [
+        c for c in envoy["static_resources"]["clusters"] if c["name"] == "opentelemetry_collector"
+    ]
+    address = collector["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    host, port = address["socket_address"]["address"], address["socket_address"]["port_value"]
+    for r in rendered.values():
+        service_port = next(p for p in r.one("Service", host)["spec"]["ports"] if p["port"] == port)
+        assert service_port["name"] == "otlp-grpc"
+        assert ("gateway", host, port, "TCP") in allowed_edges(r.docs, r.namespace)
 
 
 def test_services_target_ports_exist_on_selected_pods(rendered: dict[str, Rendered]) -> None:

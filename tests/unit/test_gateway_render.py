@@ -62,7 +62,9 @@ def test_load_base_config_repository_file_has_production_values(base: dict[str, 
     assert listener["address"]["socket_address"] == {"address": ALL_INTERFACES, "port_value": 8080}
     assert base["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9901}
     assert _transcoder(base)["proto_descriptor"] == "/etc/envoy/mt5mesh.binpb"
-    assert [c["name"] for c in base["static_resources"]["clusters"]] == list(CLUSTERS)
+    # The services, then the internal clusters (admin behind the metrics listener, the OTLP collector).
+    names = [c["name"] for c in base["static_resources"]["clusters"]]
+    assert names == [*CLUSTERS, "envoy_admin", "opentelemetry_collector"]
     for i, name in enumerate(CLUSTERS):
         cluster = _cluster(base, name)
         assert cluster["type"] == "STRICT_DNS"

@@ -32,17 +32,19 @@ class SubscribeIndicatorsResponse(_message.Message):
     def __init__(self, cursor: _Optional[int] = ..., values: _Optional[_Union[_market_pb2.IndicatorValues, _Mapping]] = ...) -> None: ...
 
 class GetIndicatorsRequest(_message.Message):
-    __slots__ = ("symbol", "timeframe", "to", "limit")
+    __slots__ = ("symbol", "timeframe", "to", "limit", "newest")
     SYMBOL_FIELD_NUMBER: _ClassVar[int]
     TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
     FROM_FIELD_NUMBER: _ClassVar[int]
     TO_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_FIELD_NUMBER: _ClassVar[int]
     symbol: str
     timeframe: _market_pb2.Timeframe
     to: _timestamp_pb2.Timestamp
     limit: int
-    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[_Union[_market_pb2.Timeframe, str]] = ..., to: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limit: _Optional[int] = ..., **kwargs) -> None: ...
+    newest: bool
+    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[_Union[_market_pb2.Timeframe, str]] = ..., to: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., limit: _Optional[int] = ..., newest: _Optional[bool] = ..., **kwargs) -> None: ...
 
 class GetIndicatorsResponse(_message.Message):
     __slots__ = ("values",)

@@ -144,3 +144,62 @@ class ExportLatestSignalsRequest(_message.Message):
     TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
     timeframe: _market_pb2.Timeframe
     def __init__(self, timeframe: _Optional[_Union[_market_pb2.Timeframe, str]] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetModelResponse(_message.Message):
+    __slots__ = ("name", "version", "created", "timeframe", "symbols", "data_from", "data_to", "features", "window", "horizon", "threshold", "metrics", "weights_sha256", "torch_version")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ModelMetrics
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ModelMetrics, _Mapping]] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
+    SYMBOLS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FROM_FIELD_NUMBER: _ClassVar[int]
+    DATA_TO_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    HORIZON_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    created: str
+    timeframe: _market_pb2.Timeframe
+    symbols: _containers.RepeatedScalarFieldContainer[str]
+    data_from: str
+    data_to: str
+    features: _containers.RepeatedScalarFieldContainer[str]
+    window: int
+    horizon: int
+    threshold: float
+    metrics: _containers.MessageMap[str, ModelMetrics]
+    weights_sha256: str
+    torch_version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., created: _Optional[str] = ..., timeframe: _Optional[_Union[_market_pb2.Timeframe, str]] = ..., symbols: _Optional[_Iterable[str]] = ..., data_from: _Optional[str] = ..., data_to: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., window: _Optional[int] = ..., horizon: _Optional[int] = ..., threshold: _Optional[float] = ..., metrics: _Optional[_Mapping[str, ModelMetrics]] = ..., weights_sha256: _Optional[str] = ..., torch_version: _Optional[str] = ...) -> None: ...
+
+class ModelMetrics(_message.Message):
+    __slots__ = ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss")
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
+    F1_FIELD_NUMBER: _ClassVar[int]
+    ROC_AUC_FIELD_NUMBER: _ClassVar[int]
+    LOG_LOSS_FIELD_NUMBER: _ClassVar[int]
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    roc_auc: float
+    log_loss: float
+    def __init__(self, accuracy: _Optional[float] = ..., precision: _Optional[float] = ..., recall: _Optional[float] = ..., f1: _Optional[float] = ..., roc_auc: _Optional[float] = ..., log_loss: _Optional[float] = ...) -> None: ...

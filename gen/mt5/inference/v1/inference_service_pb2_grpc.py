@@ -72,6 +72,11 @@ class InferenceServiceStub:
                 request_serializer=mt5_dot_inference_dot_v1_dot_inference__service__pb2.GetLatestSignalsRequest.SerializeToString,
                 response_deserializer=mt5_dot_inference_dot_v1_dot_inference__service__pb2.GetLatestSignalsResponse.FromString,
                 _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/mt5.inference.v1.InferenceService/GetModel',
+                request_serializer=mt5_dot_inference_dot_v1_dot_inference__service__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=mt5_dot_inference_dot_v1_dot_inference__service__pb2.GetModelResponse.FromString,
+                _registered_method=True)
         self.ExportSignals = channel.unary_unary(
                 '/mt5.inference.v1.InferenceService/ExportSignals',
                 request_serializer=mt5_dot_inference_dot_v1_dot_inference__service__pb2.ExportSignalsRequest.SerializeToString,
@@ -143,6 +148,14 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModel(self, request, context):
+        """GetModel describes the model being served: its manifest and its test metrics next to the
+        baselines'.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExportSignals(self, request, context):
         """ExportSignals answers the seed's "GET /signals": the current signals as a bare JSON array
         (the same objects ListSignals returns). Envoy's transcoder cannot print a repeated field as
@@ -209,6 +222,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetLatestSignals,
                     request_deserializer=mt5_dot_inference_dot_v1_dot_inference__service__pb2.GetLatestSignalsRequest.FromString,
                     response_serializer=mt5_dot_inference_dot_v1_dot_inference__service__pb2.GetLatestSignalsResponse.SerializeToString,
+            ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=mt5_dot_inference_dot_v1_dot_inference__service__pb2.GetModelRequest.FromString,
+                    response_serializer=mt5_dot_inference_dot_v1_dot_inference__service__pb2.GetModelResponse.SerializeToString,
             ),
             'ExportSignals': grpc.unary_unary_rpc_method_handler(
                     servicer.ExportSignals,
@@ -417,6 +435,33 @@ class InferenceService:
             '/mt5.inference.v1.InferenceService/GetLatestSignals',
             mt5_dot_inference_dot_v1_dot_inference__service__pb2.GetLatestSignalsRequest.SerializeToString,
             mt5_dot_inference_dot_v1_dot_inference__service__pb2.GetLatestSignalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mt5.inference.v1.InferenceService/GetModel',
+            mt5_dot_inference_dot_v1_dot_inference__service__pb2.GetModelRequest.SerializeToString,
+            mt5_dot_inference_dot_v1_dot_inference__service__pb2.GetModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

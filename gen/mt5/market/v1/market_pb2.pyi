@@ -96,7 +96,7 @@ class Bar(_message.Message):
     def __init__(self, candle: _Optional[_Union[Candle, _Mapping]] = ..., source: _Optional[_Union[CandleSource, str]] = ..., revision: _Optional[int] = ..., final: _Optional[bool] = ..., tick_count: _Optional[int] = ..., ea_disagrees: _Optional[bool] = ...) -> None: ...
 
 class IndicatorValues(_message.Message):
-    __slots__ = ("symbol", "timeframe", "ts", "revision", "final", "rsi", "macd", "macd_signal", "macd_hist", "atr", "bb_upper", "bb_middle", "bb_lower")
+    __slots__ = ("symbol", "timeframe", "ts", "revision", "final", "rsi", "macd", "macd_signal", "macd_hist", "atr", "bb_upper", "bb_middle", "bb_lower", "close", "volume", "spread")
     SYMBOL_FIELD_NUMBER: _ClassVar[int]
     TIMEFRAME_FIELD_NUMBER: _ClassVar[int]
     TS_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,9 @@ class IndicatorValues(_message.Message):
     BB_UPPER_FIELD_NUMBER: _ClassVar[int]
     BB_MIDDLE_FIELD_NUMBER: _ClassVar[int]
     BB_LOWER_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    SPREAD_FIELD_NUMBER: _ClassVar[int]
     symbol: str
     timeframe: Timeframe
     ts: _timestamp_pb2.Timestamp
@@ -123,7 +126,10 @@ class IndicatorValues(_message.Message):
     bb_upper: float
     bb_middle: float
     bb_lower: float
-    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[_Union[Timeframe, str]] = ..., ts: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ..., final: _Optional[bool] = ..., rsi: _Optional[float] = ..., macd: _Optional[float] = ..., macd_signal: _Optional[float] = ..., macd_hist: _Optional[float] = ..., atr: _Optional[float] = ..., bb_upper: _Optional[float] = ..., bb_middle: _Optional[float] = ..., bb_lower: _Optional[float] = ...) -> None: ...
+    close: float
+    volume: float
+    spread: float
+    def __init__(self, symbol: _Optional[str] = ..., timeframe: _Optional[_Union[Timeframe, str]] = ..., ts: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revision: _Optional[int] = ..., final: _Optional[bool] = ..., rsi: _Optional[float] = ..., macd: _Optional[float] = ..., macd_signal: _Optional[float] = ..., macd_hist: _Optional[float] = ..., atr: _Optional[float] = ..., bb_upper: _Optional[float] = ..., bb_middle: _Optional[float] = ..., bb_lower: _Optional[float] = ..., close: _Optional[float] = ..., volume: _Optional[float] = ..., spread: _Optional[float] = ...) -> None: ...
 
 class Signal(_message.Message):
     __slots__ = ("symbol", "timeframe", "ts", "prob_up", "label", "model_version", "candle_revision")
