@@ -209,7 +209,8 @@ class EnvoyProcess:
             self.proc.wait(10)
 
 
-def start_envoy(upstreams: Mapping[str, int], workdir: pathlib.Path) -> EnvoyProcess:
+def start_envoy(upstreams: Mapping[str, int], workdir: pathlib.Path, otlp_endpoint: str = "") -> EnvoyProcess:
+    """The real Envoy in front of loopback services; with ``otlp_endpoint``, its tracer exports there."""
     port, admin_port = free_port(), free_port()
     settings = GatewaySettings(
         listen_port=port,
@@ -217,8 +218,23 @@ def start_envoy(upstreams: Mapping[str, int], workdir: pathlib.Path) -> EnvoyPro
         descriptor_path=DESCRIPTOR,
         upstreams={n: ("127.0.0.1", p) for n, p in upstreams.items()},
         listen_address="127.0.0.1",
+        otlp_endpoint=otlp_endpoint,
     )
-    config = write_config(render_config(load_base_config(), settings), workdir / "envoy.yaml")
+    rendered = render_config(load_base_config(), settings)
+    if otlp_endpoint:
+        # Flush spans every 100 ms instead of every 5 s, so tests do not wait.
+        rendered["layered_runtime"] = {
+            "layers": [
+                {
+                    "name": "test",
+                    "static_layer": {
+                        "tracing.opentelemetry.flush_interval_ms": 100,
+                        "tracing.opentelemetry.min_flush_spans": 1,
+                    },
+                }
+            ]
+        }
+    config = write_config(rendered, workdir / "envoy.yaml")
     log = (workdir / "envoy.log").open("ab")
     proc = subprocess.Popen(
         [
@@ -246,3 +262,75 @@ def start_envoy(upstreams: Mapping[str, int], workdir: pathlib.Path) -> EnvoyPro
 
     wait_until(ready, 30, what="envoy ready")
     return envoy
+
+
+@dataclasses.dataclass
+class RunningMesh:
+    """The four services on loopback ports and Envoy in front of them."""
+
+    services: dict[str, ServiceProcess]
+    envoy: EnvoyProcess
+    models_dir: pathlib.Path
+
+    @property
+    def url(self) -> str:
+        return self.envoy.url
+
+
+def _gateway_healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=5) as r:  # noqa: S310 - our http:// gateway
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def running_mesh(
+    database_url: str,
+    workdir: pathlib.Path,
+    extra: Mapping[str, Mapping[str, str]] | None = None,
+    otlp_endpoint: str = "",
+) -> Iterator[RunningMesh]:
+    """Start ingest, aggregator, indicators and inference (models from ``workdir/models``) and Envoy.
+
+    ``extra`` adds environment variables per service name; ``otlp_endpoint`` turns tracing on in
+    every process (spans exported every 50 ms). Every process is killed on exit.
+    """
+    ports = {name: free_port() for name in SERVICES}
+    models = workdir / "models"
+    env: dict[str, dict[str, str]] = {
+        "aggregator": {"AGGREGATOR_INGEST_ADDRESS": f"127.0.0.1:{ports['ingest']}"},
+        "indicators": {"INDICATORS_AGGREGATOR_ADDRESS": f"127.0.0.1:{ports['aggregator']}"},
+        "inference": {
+            "INFERENCE_INDICATORS_ADDRESS": f"127.0.0.1:{ports['indicators']}",
+            "INFERENCE_MODELS_DIR": str(models),
+            "INFERENCE_RELOAD_SECONDS": "0.2",
+            "INFERENCE_FEED_POLL_SECONDS": "0.1",
+        },
+        "ingest": {
+            "INGEST_MESH_PEERS": ",".join(f"{n}=127.0.0.1:{p}" for n, p in ports.items() if n != "ingest")
+        },
+    }
+    if otlp_endpoint:
+        for name in SERVICES:
+            env[name] |= {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    for name, values in (extra or {}).items():
+        env.setdefault(name, {}).update(values)
+    services = {
+        name: make_service(name, database_url, workdir, env.get(name), port=ports[name]) for name in SERVICES
+    }
+    envoy = None
+    try:
+        for service in services.values():
+            service.start(wait_serving=False)
+        for service in services.values():
+            service.wait_serving()
+        envoy = start_envoy(ports, workdir, otlp_endpoint)
+        wait_until(lambda: _gateway_healthy(envoy.url), 30, what="gateway /health 200")
+        yield RunningMesh(services, envoy, models)
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        for service in services.values():
+            service.kill()

@@ -45,14 +45,16 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             if not admitted:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many subscribers; retry later")
             try:
-                async for cursor, bar in self._stage.candles(
+                async for cursor, bar, traceparent in self._stage.candles(
                     request.from_cursor,
                     list(request.symbols),
                     timeframes,
                     request.include_forming,
                     lambda symbol: shard_of(symbol, count) == index if count > 1 else True,
                 ):
-                    yield pb.SubscribeCandlesResponse(cursor=cursor, bar=convert.bar_to_pb(bar))
+                    yield pb.SubscribeCandlesResponse(
+                        cursor=cursor, bar=convert.bar_to_pb(bar), traceparent=traceparent or ""
+                    )
             except SubscriberTooSlow:
                 await context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -25,9 +26,10 @@ from services.aggregator import metrics
 from services.aggregator.bars import Aggregator, Bar, Emitted, bucket_bounds
 from services.aggregator.config import AggregatorConfig
 from services.aggregator.store import CANDLES_FEED, TICKS_FEED, AggregatorStore, LoggedBar, UnitOfWork
+from services.common import db, telemetry
 from services.common import metrics as common_metrics
 from services.common.feed import CommitSignal
-from services.common.live import LiveFanout, live_feed, series_filter
+from services.common.live import FeedItem, LiveFanout, live_feed, series_filter
 from services.common.market import Candle, Timeframe, shard_of, to_us
 from services.common.protoconv import to_datetime
 
@@ -149,9 +151,13 @@ class AggregationStage:
                 c.volume,
                 c.spread,
             )
-            if not self.core.is_live(candle.symbol, candle.timeframe, candle.ts):
-                await self._adopt_stored(candle)
-            self._record(self.core.add_ea_candle(candle))
+            attributes = {"mt5.symbol": candle.symbol, "mt5.timeframe": candle.timeframe.name}
+            with telemetry.continued_span("aggregator.apply_candle", item.traceparent, attributes) as traced:
+                if not self.core.is_live(candle.symbol, candle.timeframe, candle.ts):
+                    await self._adopt_stored(candle)
+                self._record(self.core.add_ea_candle(candle))
+                if traced is not None:
+                    self._pending.traces.append(traced)
             metrics.INPUT_CURSOR.labels(CANDLES_FEED).set(item.cursor)
             self._cursors[CANDLES_FEED] = item.cursor
             self._pending.cursors[self._feed_keys[CANDLES_FEED]] = item.cursor
@@ -228,6 +234,10 @@ class AggregationStage:
 
     # --- commits --------------------------------------------------------------------------------
 
+    def _timed_commit(self, work: UnitOfWork, traceparent: str | None) -> None:
+        with metrics.COMMIT_SECONDS.time():
+            self._store.commit(work, traceparent)
+
     async def _committer(self) -> None:
         while True:
             await self._work_ready.wait()
@@ -236,16 +246,11 @@ class AggregationStage:
             self._room.set()
             if not work:
                 continue
-            delay = 0.1
-            while True:
-                try:
-                    with metrics.COMMIT_SECONDS.time():
-                        await asyncio.to_thread(self._store.commit, work)
-                    break
-                except Exception:  # the database is away: keep the work and retry, in order
-                    logger.warning("commit failed; retrying in %.1fs", delay, exc_info=True)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+            # The commit joins the traces of the traced inputs in it; its logged bars carry it on.
+            with telemetry.group_span("aggregator.commit", work.traces, {"mt5.bars": len(work.finals)}):
+                traceparent = telemetry.current_traceparent()
+
+                await db.commit_retrying(functools.partial(self._timed_commit, work, traceparent))
             self.committed.notify()
 
     # --- feed -----------------------------------------------------------------------------------
@@ -257,7 +262,7 @@ class AggregationStage:
         timeframes: Sequence[Timeframe],
         include_forming: bool,
         owns: Callable[[str], bool] = lambda _symbol: True,
-    ) -> AsyncIterator[tuple[int, Bar]]:
+    ) -> AsyncIterator[FeedItem[Bar]]:
         """Final bar versions after ``cursor`` (stored, then live), with forming bars when asked.
 
         Raises ``SubscriberTooSlow`` when the subscriber's queue of forming bars overflowed.
@@ -272,7 +277,7 @@ class AggregationStage:
             cursor,
             page_size=self._config.feed_page_size,
             poll_seconds=self._config.feed_poll_seconds,
-            unpack=lambda logged: (logged.cursor, logged.bar),
+            unpack=lambda logged: (logged.cursor, logged.bar, logged.traceparent),
             fanout=self.forming if include_forming else None,
             wants=series_filter(symbols, timeframes, owns),
             current=lambda: self.core.forming(symbols or None),

@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from opentelemetry.trace import SpanContext
 from sqlalchemy import Engine, and_, or_, select
 
 from services.aggregator.bars import (
@@ -53,6 +54,8 @@ class UnitOfWork:
     finals: list[Bar] = dataclasses.field(default_factory=list)
     symbols: dict[str, tuple[int | None, int]] = dataclasses.field(default_factory=dict)
     cursors: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Spans of the traced inputs that went into this work; the commit span joins their traces.
+    traces: list[SpanContext] = dataclasses.field(default_factory=list)
 
     def add(self, bars: Iterable[Bar], *, final: bool) -> None:
         """Record published bars (final ones are also logged)."""
@@ -81,6 +84,7 @@ class LoggedBar:
 
     cursor: int
     bar: Bar
+    traceparent: str | None = None  # of the commit that published it, when traced
 
 
 class AggregatorStore:
@@ -89,12 +93,14 @@ class AggregatorStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    def commit(self, work: UnitOfWork) -> None:
-        """Write one unit of work in one transaction."""
+    def commit(self, work: UnitOfWork, traceparent: str | None = None) -> None:
+        """Write one unit of work in one transaction; logged versions carry the commit's trace context."""
         with db.write_transaction(self._engine, WRITE_LOCK_KEY) as conn:
             db.upsert(conn, agg_candles, [_row(bar) for bar in work.latest.values()])
             if work.finals:
-                conn.execute(agg_candle_log.insert(), [_row(bar) for bar in work.finals])
+                conn.execute(
+                    agg_candle_log.insert(), [_row(bar) | {"traceparent": traceparent} for bar in work.finals]
+                )
             db.upsert(
                 conn,
                 agg_symbols,
@@ -194,7 +200,7 @@ class AggregatorStore:
         """Final bar versions with a cursor above ``cursor``, in cursor order."""
         query = db.page_after(agg_candle_log, cursor, limit, symbols, [tf.name for tf in timeframes])
         with self._engine.connect() as conn:
-            return [LoggedBar(r.id, _bar(r)) for r in conn.execute(query)]
+            return [LoggedBar(r.id, _bar(r), r.traceparent) for r in conn.execute(query)]
 
     def candles(
         self,

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import pathlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import alembic.command
 import alembic.config
@@ -18,6 +18,7 @@ from sqlalchemy.exc import OperationalError
 from services.common import telemetry
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 MIGRATIONS = pathlib.Path(__file__).with_name("migrations")
 # Any constant works; it only has to be the same in every process that migrates or writes.
@@ -146,6 +147,22 @@ async def migrate_when_reachable(engine: Engine, *, first_delay: float = 0.2, ma
             logger.warning("database unreachable, retrying in %.1fs: %s", delay, exc.orig or exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, max_delay)
+
+
+async def commit_retrying(commit: Callable[[], _T]) -> _T:
+    """Run a blocking commit in a worker thread until it succeeds.
+
+    A stage's commit fails only when the database is away (or the transaction hit a conflict): the
+    work is kept and retried, in order, with backoff up to 5 s, so nothing is skipped or reordered.
+    """
+    delay = 0.1
+    while True:
+        try:
+            return await asyncio.to_thread(commit)
+        except Exception:  # the database is away: keep the work and retry
+            logger.warning("commit failed; retrying in %.1fs", delay, exc_info=True)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def ping(engine: Engine) -> bool:

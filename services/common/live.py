@@ -22,6 +22,10 @@ T = TypeVar("T")
 P = TypeVar("P", bound=HasCursor)
 
 
+# What a feed yields: (cursor, item, traceparent of the commit that wrote it or None).
+FeedItem = tuple[int, T, str | None]
+
+
 class SubscriberTooSlow(Exception):
     """A subscriber's bounded queue of live updates overflowed; it must resume from its cursor."""
 
@@ -66,14 +70,17 @@ class LiveFanout(Generic[T]):
 
 async def merge_live(
     pages: AsyncGenerator[Sequence[P], None],
-    unpack: Callable[[P], tuple[int, T]],
+    unpack: Callable[[P], tuple[int, T, str | None]],
     fanout: LiveFanout[T] | None,
     wants: Callable[[T], bool],
     cursor: int,
     current: Callable[[], Sequence[T]] = tuple,
     feed: str = "",
-) -> AsyncIterator[tuple[int, T]]:
-    """Durable pages, interleaved with live items when ``fanout`` is given, as (cursor, item).
+) -> AsyncIterator[FeedItem[T]]:
+    """Durable pages, interleaved with live items when ``fanout`` is given, as (cursor, item, trace).
+
+    ``unpack`` gives a durable entry's cursor, item and stored trace context (``traceparent`` of
+    the commit that wrote it, None when not traced); live items carry no trace context.
 
     ``wants`` filters both kinds (durable pages may hold items the subscriber skips, e.g. other
     shards' symbols; the cursor still moves past them).
@@ -100,12 +107,12 @@ async def merge_live(
                 raise SubscriberTooSlow
             if next_page in done:
                 for entry in next_page.result():
-                    cursor, item = unpack(entry)
+                    cursor, item, traceparent = unpack(entry)
                     if wants(item):
-                        yield cursor, item
+                        yield cursor, item, traceparent
                 next_page = asyncio.ensure_future(anext(pages))
             if next_live is not None and next_live in done:
-                yield cursor, next_live.result()
+                yield cursor, next_live.result(), None
                 next_live = None
     finally:
         for future in (next_page, next_live, overflow):
@@ -149,12 +156,12 @@ def live_feed(
     *,
     page_size: int,
     poll_seconds: float,
-    unpack: Callable[[P], tuple[int, T]],
+    unpack: Callable[[P], tuple[int, T, str | None]],
     fanout: LiveFanout[T] | None,
     wants: Callable[[T], bool],
     current: Callable[[], Sequence[T]] = tuple,
     feed: str = "",
-) -> AsyncIterator[tuple[int, T]]:
+) -> AsyncIterator[FeedItem[T]]:
     """A stage's whole feed: durable pages after ``cursor`` (``follow``) merged with live items.
 
     A named ``feed`` reports each subscription's lag and cut-offs (services.common.metrics).

@@ -25,6 +25,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
+# W3C trace context of the commit that wrote a log row (NULL when not traced): the next stage makes
+# its span for the row a child of it, so one trace crosses every stage (streams cannot carry it).
+TRACEPARENT_LENGTH = 55
+
+
+def traceparent_column() -> Column[Any]:
+    """The trace context column of an append-only log."""
+    return Column("traceparent", String(TRACEPARENT_LENGTH), nullable=True)
+
+
 metadata = MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -125,6 +135,7 @@ ingest_candle_log = Table(
     metadata,
     Column("id", Cursor, primary_key=True, autoincrement=True),
     *candle_columns(),
+    traceparent_column(),
 )
 
 # --- aggregator ------------------------------------------------------------------------------
@@ -160,6 +171,7 @@ agg_candle_log = Table(
     metadata,
     Column("id", Cursor, primary_key=True, autoincrement=True),
     *bar_columns(),
+    traceparent_column(),
 )
 
 # Per symbol: the latest tick time seen (the watermark's base) and the last input cursor applied.
@@ -213,6 +225,7 @@ ind_log = Table(
     metadata,
     Column("id", Cursor, primary_key=True, autoincrement=True),
     *indicator_columns(),
+    traceparent_column(),
 )
 
 # The indicators service's cursor on the aggregator's candle feed, committed with its output.
@@ -254,6 +267,7 @@ inf_signal_log = Table(
     metadata,
     Column("id", Cursor, primary_key=True, autoincrement=True),
     *signal_columns(),
+    traceparent_column(),
 )
 
 # Signals saved on request (the seed's POST /signals/save), read by /signals/history and /latest.

@@ -125,6 +125,14 @@ def current_span_context() -> SpanContext | None:
     return context if context.is_valid and context.trace_flags.sampled else None
 
 
+def current_traceparent() -> str | None:
+    """The W3C ``traceparent`` of the span running now, None when nothing is being traced.
+
+    Stages store it with the rows they commit; the next stage parents its span on it.
+    """
+    return trace_carrier().get("traceparent")
+
+
 def trace_carrier() -> dict[str, str]:
     """The current trace context as W3C headers (``traceparent``...), to put in a message."""
     carrier: dict[str, str] = {}
@@ -154,6 +162,22 @@ def message_span(
         name, context=parent, kind=kind, links=links, attributes=dict(attributes or {})
     ) as span:
         yield span
+
+
+@contextlib.contextmanager
+def continued_span(
+    name: str, traceparent: str | None, attributes: Mapping[str, str | int | float | bool] | None = None
+) -> Iterator[SpanContext | None]:
+    """A span continuing the trace a stored feed row carries, yielding its context for the commit.
+
+    Rows written by an untraced commit carry no ``traceparent``: then nothing is recorded (a
+    background stage never starts traces of its own) and None is yielded.
+    """
+    if not traceparent:
+        yield None
+        return
+    with message_span(name, carrier={"traceparent": traceparent}, attributes=attributes):
+        yield current_span_context()
 
 
 @contextlib.contextmanager

@@ -50,10 +50,12 @@ class IndicatorsServicer(pb_grpc.IndicatorsServiceServicer):
             if not admitted:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many subscribers; retry later")
             try:
-                async for cursor, values in self._stage.values_feed(
+                async for cursor, values, traceparent in self._stage.values_feed(
                     request.from_cursor, list(request.symbols), timeframes, request.include_forming
                 ):
-                    yield pb.SubscribeIndicatorsResponse(cursor=cursor, values=convert.values_to_pb(values))
+                    yield pb.SubscribeIndicatorsResponse(
+                        cursor=cursor, values=convert.values_to_pb(values), traceparent=traceparent or ""
+                    )
             except SubscriberTooSlow:
                 await context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,

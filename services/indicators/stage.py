@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 from collections.abc import AsyncIterator, Sequence
 
@@ -21,9 +22,10 @@ from mt5.aggregator.v1 import aggregator_service_pb2_grpc as agg_grpc
 from mt5.market.v1 import market_pb2
 
 from services.aggregator.bars import Bar, BarSource, bucket_bounds
+from services.common import db, telemetry
 from services.common import metrics as common_metrics
 from services.common.feed import CommitSignal
-from services.common.live import LiveFanout, live_feed, series_filter
+from services.common.live import FeedItem, LiveFanout, live_feed, series_filter
 from services.common.market import Timeframe, shard_of, to_us
 from services.common.protoconv import to_datetime
 from services.indicators import metrics
@@ -140,6 +142,13 @@ class IndicatorStage:
 
     async def _apply(self, item: agg_pb.SubscribeCandlesResponse) -> None:
         bar = bar_from_pb(item.bar)
+        attributes = {"mt5.symbol": bar.symbol, "mt5.timeframe": bar.timeframe.name}
+        with telemetry.continued_span("indicators.apply", item.traceparent, attributes) as traced:
+            await self._apply_bar(item, bar)
+            if traced is not None:
+                self._pending.traces.append(traced)
+
+    async def _apply_bar(self, item: agg_pb.SubscribeCandlesResponse, bar: Bar) -> None:
         with metrics.UPDATE_SECONDS.time():
             try:
                 values = self.engine.on_bar(bar)
@@ -159,6 +168,10 @@ class IndicatorStage:
         else:
             self.forming.publish(values)
 
+    def _timed_commit(self, work: IndicatorWork, traceparent: str | None) -> None:
+        with metrics.COMMIT_SECONDS.time():
+            self._store.commit(work, traceparent)
+
     async def _committer(self) -> None:
         while True:
             await self._work_ready.wait()
@@ -166,22 +179,17 @@ class IndicatorStage:
             work, self._pending = self._pending, IndicatorWork(feed=self._feed_key)
             if not work:
                 continue
-            delay = 0.1
-            while True:
-                try:
-                    with metrics.COMMIT_SECONDS.time():
-                        await asyncio.to_thread(self._store.commit, work)
-                    break
-                except Exception:  # the database is away: keep the work and retry, in order
-                    logger.warning("commit failed; retrying in %.1fs", delay, exc_info=True)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+            # The commit joins the traces of the traced bars in it; its logged values carry it on.
+            with telemetry.group_span("indicators.commit", work.traces, {"mt5.values": len(work.values)}):
+                traceparent = telemetry.current_traceparent()
+
+                await db.commit_retrying(functools.partial(self._timed_commit, work, traceparent))
             metrics.VALUES.inc(len(work.values))
             self.committed.notify()
 
     def values_feed(
         self, cursor: int, symbols: Sequence[str], timeframes: Sequence[Timeframe], include_forming: bool
-    ) -> AsyncIterator[tuple[int, IndicatorValues]]:
+    ) -> AsyncIterator[FeedItem[IndicatorValues]]:
         """Final values after ``cursor`` (stored, then live), with provisional ones when asked."""
 
         async def read(after: int, limit: int) -> list[LoggedValues]:
@@ -193,7 +201,7 @@ class IndicatorStage:
             cursor,
             page_size=self._config.feed_page_size,
             poll_seconds=self._config.feed_poll_seconds,
-            unpack=lambda logged: (logged.cursor, logged.values),
+            unpack=lambda logged: (logged.cursor, logged.values, logged.traceparent),
             fanout=self.forming if include_forming else None,
             wants=series_filter(symbols, timeframes),
             feed=metrics.VALUES_FEED,

@@ -7,6 +7,7 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
+from opentelemetry.trace import SpanContext
 from sqlalchemy import Engine, and_, func, select, tuple_
 
 from services.common import db
@@ -24,6 +25,8 @@ class IndicatorWork:
 
     values: list[IndicatorValues] = dataclasses.field(default_factory=list)
     cursor: int | None = None
+    # Spans of the traced bars that went into this work; the commit span joins their traces.
+    traces: list[SpanContext] = dataclasses.field(default_factory=list)
     feed: str = CANDLES_FEED  # the cursor's key: one per shard layout ("candles@k/N")
 
     def __bool__(self) -> bool:
@@ -36,6 +39,7 @@ class LoggedValues:
 
     cursor: int
     values: IndicatorValues
+    traceparent: str | None = None  # of the commit that published it, when traced
 
 
 class IndicatorStore:
@@ -44,8 +48,11 @@ class IndicatorStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    def commit(self, work: IndicatorWork) -> None:
-        """Write one unit of work in one transaction; a version already stored is not logged again."""
+    def commit(self, work: IndicatorWork, traceparent: str | None = None) -> None:
+        """Write one unit of work in one transaction; a version already stored is not logged again.
+
+        Logged versions carry the commit's trace context (``traceparent``).
+        """
         with db.write_transaction(self._engine, WRITE_LOCK_KEY) as conn:
             latest = {(v.symbol, v.timeframe, v.ts): v for v in work.values}
             if latest:
@@ -60,7 +67,7 @@ class IndicatorStore:
                 # A restart re-delivers what was already published: same bar revision, same values.
                 fresh = [v for v in work.values if stored.get((v.symbol, v.timeframe, v.ts)) != v]
                 if fresh:
-                    conn.execute(ind_log.insert(), [_row(v) for v in fresh])
+                    conn.execute(ind_log.insert(), [_row(v) | {"traceparent": traceparent} for v in fresh])
                     db.upsert(
                         conn, t, [_row(v) for v in {(v.symbol, v.timeframe, v.ts): v for v in fresh}.values()]
                     )
@@ -87,7 +94,7 @@ class IndicatorStore:
         """Published versions with a cursor above ``cursor``, in cursor order."""
         query = db.page_after(ind_log, cursor, limit, symbols, [tf.name for tf in timeframes])
         with self._engine.connect() as conn:
-            return [LoggedValues(r.id, _values(r)) for r in conn.execute(query)]
+            return [LoggedValues(r.id, _values(r), r.traceparent) for r in conn.execute(query)]
 
     def values(
         self,

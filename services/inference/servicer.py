@@ -84,10 +84,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         with self._slots.take() as admitted:
             if not admitted:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many subscribers; retry later")
-            async for cursor, signal in self._stage.signals_feed(
+            async for cursor, signal, traceparent in self._stage.signals_feed(
                 request.from_cursor, list(request.symbols), timeframes
             ):
-                yield pb.SubscribeSignalsResponse(cursor=cursor, signal=convert.signal_to_pb(signal))
+                yield pb.SubscribeSignalsResponse(
+                    cursor=cursor, signal=convert.signal_to_pb(signal), traceparent=traceparent or ""
+                )
 
     async def Predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext

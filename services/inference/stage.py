@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import functools
 import logging
 from collections.abc import AsyncIterator, Sequence
 
@@ -23,9 +24,11 @@ import numpy as np
 import numpy.typing as npt
 from mt5.indicators.v1 import indicators_service_pb2 as ind_pb
 from mt5.indicators.v1 import indicators_service_pb2_grpc as ind_grpc
+from opentelemetry.trace import SpanContext
 
+from services.common import db, telemetry
 from services.common.feed import CommitSignal
-from services.common.live import live_feed, series_filter
+from services.common.live import FeedItem, live_feed, series_filter
 from services.common.market import Timeframe
 from services.common.protoconv import timestamp, to_datetime
 from services.inference import metrics
@@ -54,6 +57,7 @@ class _InFlight:
     revision: int
     row: npt.NDArray[np.float64] | None  # None: no signal (the row could not reach the model)
     future: asyncio.Future[Scored] | None
+    trace: SpanContext | None  # the span that applied the candle, when its values were traced
 
 
 class InferenceStage:
@@ -119,9 +123,20 @@ class InferenceStage:
     async def _apply(
         self, item: ind_pb.SubscribeIndicatorsResponse, timeframe: Timeframe, window: int
     ) -> None:
-        values = item.values
-        if not values.final:
+        if not item.values.final:
             return
+        attributes = {"mt5.symbol": item.values.symbol, "mt5.timeframe": timeframe.name}
+        with telemetry.continued_span("inference.apply", item.traceparent, attributes) as traced:
+            await self._apply_values(item, timeframe, window, traced)
+
+    async def _apply_values(
+        self,
+        item: ind_pb.SubscribeIndicatorsResponse,
+        timeframe: Timeframe,
+        window: int,
+        traced: SpanContext | None,
+    ) -> None:
+        values = item.values
         symbol, ts = values.symbol, to_datetime(values.ts)
         inputs = inputs_from_pb(values)
         needed = history_needed(window)
@@ -149,7 +164,7 @@ class InferenceStage:
             row_or_none = row
             future = await self._batcher.submit(row[np.newaxis, :])
         await self._in_flight.put(
-            _InFlight(item.cursor, symbol, timeframe, ts, values.revision, row_or_none, future)
+            _InFlight(item.cursor, symbol, timeframe, ts, values.revision, row_or_none, future, traced)
         )
         self._cursor = item.cursor
 
@@ -182,6 +197,8 @@ class InferenceStage:
                         done.revision,
                     )
                 )
+            if done.trace is not None:
+                self._pending.traces.append(done.trace)
             self._pending.cursor = done.cursor
             self._work_ready.set()
 
@@ -203,21 +220,16 @@ class InferenceStage:
             work, self._pending = self._pending, SignalWork()
             if not work:
                 continue
-            delay = 0.1
-            while True:
-                try:
-                    fresh = await asyncio.to_thread(self._store.commit, work)
-                    break
-                except Exception:  # the database is away: keep the work and retry, in order
-                    logger.warning("commit failed; retrying in %.1fs", delay, exc_info=True)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+            # The commit joins the traces of the traced values in it; its logged signals carry it on.
+            with telemetry.group_span("inference.commit", work.traces, {"mt5.signals": len(work.signals)}):
+                traceparent = telemetry.current_traceparent()
+                fresh = await db.commit_retrying(functools.partial(self._store.commit, work, traceparent))
             metrics.SIGNALS.inc(fresh)
             self.committed.notify()
 
     def signals_feed(
         self, cursor: int, symbols: Sequence[str], timeframes: Sequence[Timeframe]
-    ) -> AsyncIterator[tuple[int, Signal]]:
+    ) -> AsyncIterator[FeedItem[Signal]]:
         """Signals after ``cursor``: stored ones first, then live ones as they are committed."""
 
         async def read(after: int, limit: int) -> list[LoggedSignal]:
@@ -229,7 +241,8 @@ class InferenceStage:
             cursor,
             page_size=self._config.feed_page_size,
             poll_seconds=self._config.feed_poll_seconds,
-            unpack=lambda logged: (logged.cursor, logged.signal),
+            unpack=lambda logged: (logged.cursor, logged.signal, logged.traceparent),
             fanout=None,
             wants=series_filter(symbols, timeframes),
+            feed="signals",
         )

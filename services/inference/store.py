@@ -7,6 +7,7 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
+from opentelemetry.trace import SpanContext
 from sqlalchemy import Engine, and_, func, select, tuple_
 
 from services.common import db
@@ -25,6 +26,8 @@ class SignalWork:
 
     signals: list[Signal] = dataclasses.field(default_factory=list)
     cursor: int | None = None
+    # Spans of the traced indicator values that went into this work; the commit span joins them.
+    traces: list[SpanContext] = dataclasses.field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.signals) or self.cursor is not None
@@ -36,6 +39,7 @@ class LoggedSignal:
 
     cursor: int
     signal: Signal
+    traceparent: str | None = None  # of the commit that published it, when traced
 
 
 class SignalStore:
@@ -44,8 +48,10 @@ class SignalStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    def commit(self, work: SignalWork) -> int:
+    def commit(self, work: SignalWork, traceparent: str | None = None) -> int:
         """Write one unit of work in one transaction; return how many signal versions were new.
+
+        Logged signals carry the commit's trace context (``traceparent``).
 
         A restart re-delivers indicator values after the committed cursor; the signals they give
         are the ones already stored and are not logged again.
@@ -64,7 +70,9 @@ class SignalStore:
                 }
                 fresh = [s for s in work.signals if stored.get((s.symbol, s.timeframe, s.ts)) != s]
                 if fresh:
-                    conn.execute(inf_signal_log.insert(), [_row(s) for s in fresh])
+                    conn.execute(
+                        inf_signal_log.insert(), [_row(s) | {"traceparent": traceparent} for s in fresh]
+                    )
                     db.upsert(
                         conn, t, [_row(s) for s in {(s.symbol, s.timeframe, s.ts): s for s in fresh}.values()]
                     )
@@ -84,7 +92,7 @@ class SignalStore:
         """Published versions with a cursor above ``cursor``, in cursor order."""
         query = db.page_after(inf_signal_log, cursor, limit, symbols, [tf.name for tf in timeframes])
         with self._engine.connect() as conn:
-            return [LoggedSignal(r.id, _signal(r)) for r in conn.execute(query)]
+            return [LoggedSignal(r.id, _signal(r), r.traceparent) for r in conn.execute(query)]
 
     def current(self, timeframe: Timeframe) -> list[Signal]:
         """The signal of each symbol's latest final candle in a timeframe, by symbol."""

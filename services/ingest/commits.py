@@ -103,6 +103,7 @@ class CommitQueue:
                     self._store.commit,
                     [j.ticks for j in tick_jobs if j.ticks is not None],
                     [j.candles for j in candle_jobs if j.candles is not None],
+                    telemetry.current_traceparent(),
                 )
                 # Inside the span: the line carries the trace id of the requests' trace.
                 logger.debug("committed %d requests (%d rows)", len(group), rows)

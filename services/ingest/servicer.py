@@ -162,7 +162,10 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                     if not mine(item.candle.symbol):
                         continue
                     yield pb.SubscribeCandlesResponse(
-                        cursor=item.cursor, candle=protoconv.candle_to_pb(item.candle), revision=item.revision
+                        cursor=item.cursor,
+                        candle=protoconv.candle_to_pb(item.candle),
+                        revision=item.revision,
+                        traceparent=item.traceparent or "",
                     )
 
     async def CheckHealth(

@@ -64,6 +64,7 @@ class StoredCandleChange:
     cursor: int
     candle: Candle
     revision: int
+    traceparent: str | None = None  # of the commit that stored it, when traced
 
 
 class IngestStore:
@@ -75,12 +76,18 @@ class IngestStore:
         self._insert = db.dialect_insert(engine)
 
     def commit(
-        self, tick_batches: Sequence[TickBatch], candle_batches: Sequence[Sequence[Candle]]
+        self,
+        tick_batches: Sequence[TickBatch],
+        candle_batches: Sequence[Sequence[Candle]],
+        traceparent: str | None = None,
     ) -> tuple[list[TickBatchResult], list[list[CandleStatus]]]:
-        """Store every batch in one transaction and say what happened to each item."""
+        """Store every batch in one transaction and say what happened to each item.
+
+        ``traceparent`` (the commit's trace context) is stored with the candle changes it logs.
+        """
         with db.write_transaction(self._engine, WRITE_LOCK_KEY) as conn:
             tick_results = self._commit_ticks(conn, tick_batches) if tick_batches else []
-            candle_results = self._commit_candles(conn, candle_batches) if candle_batches else []
+            candle_results = self._commit_candles(conn, candle_batches, traceparent) if candle_batches else []
         return tick_results, candle_results
 
     # --- ticks -------------------------------------------------------------------------------
@@ -205,7 +212,7 @@ class IngestStore:
     # --- candles -----------------------------------------------------------------------------
 
     def _commit_candles(
-        self, conn: Connection, batches: Sequence[Sequence[Candle]]
+        self, conn: Connection, batches: Sequence[Sequence[Candle]], traceparent: str | None
     ) -> list[list[CandleStatus]]:
         candles = [c for batch in batches for c in batch]
         stored = self._stored_candles(conn, {c.key for c in candles})
@@ -220,7 +227,7 @@ class IngestStore:
             revision = revisions[candle.key] + 1 if candle.key in revisions else 0
             revisions[candle.key] = revision
             row = _candle_row(candle) | {"revision": revision}
-            log.append(row)
+            log.append(row | {"traceparent": traceparent})
             latest[candle.key] = row | {"updated_at": now}
         if latest:
             db.upsert(conn, ingest_candles, list(latest.values()))
@@ -323,6 +330,7 @@ class IngestStore:
                         r.spread,
                     ),
                     r.revision,
+                    r.traceparent,
                 )
                 for r in rows
             ]

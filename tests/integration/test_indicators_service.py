@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import math
 import pathlib
 import random
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
-import numpy as np
 import pytest
-import talib
 from mt5.indicators.v1 import indicators_service_pb2 as pb
 from mt5.indicators.v1 import indicators_service_pb2_grpc as pb_grpc
-from sqlalchemy import func, select, text
+from sqlalchemy import text
 
 from services.common import db
-from services.common.schema import INDICATOR_NAMES, agg_candles, ind_log, ind_values
 from services.ingest.client import TickStreamer
 from tests.helpers import API_KEY, ServiceProcess, make_service
 from tests.market_data import make_ticks, reference, tick_batches
+from tests.pipeline_checks import IndicatorRows, indicator_log_duplicates, indicators_expected_and_stored
 
 Trio = tuple[ServiceProcess, ServiceProcess, ServiceProcess]
 
@@ -47,68 +44,13 @@ def trio(database_url: str, tmp_path: pathlib.Path) -> Iterator[Trio]:
         service.kill()
 
 
-def expected_and_stored(
-    url: str, symbol: str
-) -> tuple[
-    dict[tuple[str, object], tuple[float | None, ...]], dict[tuple[str, object], tuple[float | None, ...]]
-]:
-    """Batch TA-Lib over each timeframe's final candles, and what the service stored."""
-    engine = db.create_db_engine(url)
-    expected: dict[tuple[str, object], tuple[float | None, ...]] = {}
-    try:
-        with engine.connect() as conn:
-            c = agg_candles.c
-            rows = conn.execute(
-                select(agg_candles).where(c.symbol == symbol, c.final).order_by(c.timeframe, c.ts)
-            ).all()
-            for tf in sorted({r.timeframe for r in rows}):
-                bars = [r for r in rows if r.timeframe == tf]
-                high, low, close = (np.array([getattr(r, k) for r in bars]) for k in ("high", "low", "close"))
-                columns = [
-                    talib.RSI(close, 14),
-                    *talib.MACD(close, 12, 26, 9),
-                    talib.ATR(high, low, close, 14),
-                    *talib.BBANDS(close, 20, 2, 2),
-                ]
-                for i, bar in enumerate(bars):
-                    expected[(tf, bar.ts)] = tuple(
-                        None if math.isnan(col[i]) else float(col[i]) for col in columns
-                    )
-            t = ind_values.c
-            stored = {
-                (r.timeframe, r.ts): tuple(getattr(r, n) for n in INDICATOR_NAMES)
-                for r in conn.execute(select(ind_values).where(t.symbol == symbol))
-            }
-    finally:
-        engine.dispose()
-    return expected, stored
-
-
-async def settle(
-    url: str, symbol: str, bars: int
-) -> tuple[
-    dict[tuple[str, object], tuple[float | None, ...]], dict[tuple[str, object], tuple[float | None, ...]]
-]:
+async def settle(url: str, symbol: str, bars: int) -> tuple[IndicatorRows, IndicatorRows]:
     for _ in range(300):
-        expected, stored = expected_and_stored(url, symbol)
+        expected, stored = indicators_expected_and_stored(url, symbol)
         if len(expected) == bars and stored == expected:
             break
         await asyncio.sleep(0.1)
     return expected, stored
-
-
-def log_duplicates(url: str) -> int:
-    engine = db.create_db_engine(url)
-    c = ind_log.c
-    try:
-        with engine.connect() as conn:
-            versions = select(c.symbol, c.timeframe, c.ts, c.revision).distinct().subquery()
-            return int(
-                conn.execute(select(func.count()).select_from(ind_log)).scalar_one()
-                - conn.execute(select(func.count()).select_from(versions)).scalar_one()
-            )
-    finally:
-        engine.dispose()
 
 
 async def test_indicators_equal_talib_batch_over_every_timeframe(trio: Trio, database_url: str) -> None:
@@ -118,7 +60,7 @@ async def test_indicators_equal_talib_batch_over_every_timeframe(trio: Trio, dat
     expected, stored = await settle(database_url, "EURUSD", len(reference(ticks)))
     assert len(expected) == len(reference(ticks))
     assert stored == expected  # bit for bit; None exactly where TA-Lib gives NaN
-    assert log_duplicates(database_url) == 0
+    assert indicator_log_duplicates(database_url) == 0
     # The seed's wide table: every final candle with its indicators.
     engine = db.create_db_engine(database_url)
     with engine.connect() as conn:
@@ -153,7 +95,7 @@ async def test_indicators_killed_at_random_moments_warm_restart_loses_and_duplic
     expected, stored = await settle(database_url, "GBPUSD", len(reference(ticks)))
     assert len(expected) == len(reference(ticks))
     assert stored == expected
-    assert log_duplicates(database_url) == 0
+    assert indicator_log_duplicates(database_url) == 0
 
 
 async def test_subscribe_indicators_resumes_from_cursor(trio: Trio) -> None:

@@ -14,16 +14,19 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mt5.inference.v1 import inference_service_pb2 as pb
 from mt5.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from sqlalchemy import func, select
 
-from services.common import db
-from services.common.schema import ind_values, inf_signal_log, inf_signals
-from services.inference.features import INPUTS, complete, feature_rows
-from services.inference.registry import ModelRegistry
 from services.ingest.client import TickStreamer
 from tests.helpers import API_KEY, ServiceProcess, make_service, wait_until
 from tests.inference_models import save_model
 from tests.market_data import make_ticks, tick_batches
+from tests.pipeline_checks import (
+    FeatureRows,
+    SignalRows,
+    assert_signals_equal_offline,
+    expected_signal_rows,
+    signal_log_duplicates,
+    stored_signals,
+)
 
 METADATA = (("x-api-key", API_KEY),)
 WINDOW = 3
@@ -66,79 +69,16 @@ def chain(database_url: str, tmp_path: pathlib.Path, models: pathlib.Path) -> It
         service.kill()
 
 
-def expected_rows(url: str) -> dict[tuple[str, dt.datetime], np.ndarray]:
-    """Offline feature rows of every stored final M1 candle whose row is complete."""
-    engine = db.create_db_engine(url)
-    out: dict[tuple[str, dt.datetime], np.ndarray] = {}
-    try:
-        with engine.connect() as conn:
-            t = ind_values.c
-            rows = conn.execute(select(ind_values).where(t.timeframe == "M1").order_by(t.symbol, t.ts)).all()
-    finally:
-        engine.dispose()
-    for symbol in sorted({r.symbol for r in rows}):
-        series = [r for r in rows if r.symbol == symbol]
-        inputs = np.array(
-            [[np.nan if getattr(r, n) is None else getattr(r, n) for n in INPUTS] for r in series]
-        )
-        features = feature_rows(inputs, WINDOW)
-        for r, row, ok in zip(series, features, complete(features), strict=True):
-            if ok:
-                out[(symbol, r.ts)] = row
-    return out
-
-
-def stored_signals(url: str) -> dict[tuple[str, dt.datetime], tuple[float, int, str, int]]:
-    engine = db.create_db_engine(url)
-    try:
-        with engine.connect() as conn:
-            return {
-                (r.symbol, r.ts): (r.prob_up, r.label, r.model_version, r.candle_revision)
-                for r in conn.execute(select(inf_signals))
-            }
-    finally:
-        engine.dispose()
-
-
-def log_duplicates(url: str) -> int:
-    """Signal versions logged more than once (same candle, revision and model)."""
-    engine = db.create_db_engine(url)
-    c = inf_signal_log.c
-    try:
-        with engine.connect() as conn:
-            versions = (
-                select(c.symbol, c.timeframe, c.ts, c.candle_revision, c.model_version).distinct().subquery()
-            )
-            return int(
-                conn.execute(select(func.count()).select_from(inf_signal_log)).scalar_one()
-                - conn.execute(select(func.count()).select_from(versions)).scalar_one()
-            )
-    finally:
-        engine.dispose()
-
-
-async def settle(url: str, minimum: int) -> tuple[dict, dict]:  # type: ignore[type-arg]
+async def settle(url: str, minimum: int) -> tuple[FeatureRows, SignalRows]:
     """Wait until every complete row has its signal (and no other signal exists)."""
-    expected: dict = {}  # type: ignore[type-arg]
-    stored: dict = {}  # type: ignore[type-arg]
+    expected: FeatureRows = {}
+    stored: SignalRows = {}
     for _ in range(400):
-        expected, stored = expected_rows(url), stored_signals(url)
+        expected, stored = expected_signal_rows(url, WINDOW), stored_signals(url)
         if len(expected) >= minimum and set(stored) == set(expected):
             break
         await asyncio.sleep(0.1)
     return expected, stored
-
-
-def assert_signals_equal_offline(models: pathlib.Path, expected: dict, stored: dict, version: str) -> None:  # type: ignore[type-arg]
-    scorer = ModelRegistry(models).load("signals", version).scorer
-    keys = sorted(expected)
-    offline = scorer.probabilities(np.array([expected[k] for k in keys]))
-    live = np.array([stored[k][0] for k in keys])
-    # Rows scored in batches of any size equal the offline batch to float32 rounding.
-    np.testing.assert_allclose(live, offline, rtol=0, atol=1e-6)
-    away = np.abs(offline - scorer.threshold) > 1e-6
-    assert np.array_equal(np.array([stored[k][1] for k in keys])[away], scorer.labels(offline)[away])
-    assert {stored[k][2] for k in keys} == {version}
 
 
 def named_health(address: str) -> int:
@@ -185,7 +125,7 @@ async def test_inference_without_model_answers_unavailable_then_signals_equal_of
         assert len(expected) >= 500
         assert set(stored) == set(expected)  # one signal per final candle with a complete row, no other
         assert_signals_equal_offline(models, expected, stored, "v0001")
-        assert log_duplicates(database_url) == 0
+        assert signal_log_duplicates(database_url) == 0
 
         # The stream replays every stored signal from cursor 0, in cursor order, then goes live.
         received = []
@@ -269,7 +209,7 @@ async def test_inference_killed_at_random_moments_loses_and_duplicates_no_signal
     expected, stored = await settle(database_url, minimum=700)
     assert set(stored) == set(expected)
     assert_signals_equal_offline(models, expected, stored, "v0001")
-    assert log_duplicates(database_url) == 0
+    assert signal_log_duplicates(database_url) == 0
 
 
 async def test_inference_new_model_version_is_served_without_restart(

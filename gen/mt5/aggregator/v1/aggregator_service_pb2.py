@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from mt5.market.v1 import market_pb2 as mt5_dot_market_dot_v1_dot_market__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*mt5/aggregator/v1/aggregator_service.proto\x12\x11mt5.aggregator.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1amt5/market/v1/market.proto\"\xf9\x01\n\x17SubscribeCandlesRequest\x12\x18\n\x07symbols\x18\x01 \x03(\tR\x07symbols\x12\x38\n\ntimeframes\x18\x02 \x03(\x0e\x32\x18.mt5.market.v1.TimeframeR\ntimeframes\x12\x1f\n\x0b\x66rom_cursor\x18\x03 \x01(\x04R\nfromCursor\x12\'\n\x0finclude_forming\x18\x04 \x01(\x08R\x0eincludeForming\x12\x1f\n\x0bshard_count\x18\x05 \x01(\rR\nshardCount\x12\x1f\n\x0bshard_index\x18\x06 \x01(\rR\nshardIndex\"X\n\x18SubscribeCandlesResponse\x12\x16\n\x06\x63ursor\x18\x01 \x01(\x04R\x06\x63ursor\x12$\n\x03\x62\x61r\x18\x02 \x01(\x0b\x32\x12.mt5.market.v1.BarR\x03\x62\x61r\"\xd5\x01\n\x11GetCandlesRequest\x12\x16\n\x06symbol\x18\x01 \x01(\tR\x06symbol\x12\x36\n\ttimeframe\x18\x02 \x01(\x0e\x32\x18.mt5.market.v1.TimeframeR\ttimeframe\x12.\n\x04\x66rom\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x04\x66rom\x12*\n\x02to\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x02to\x12\x14\n\x05limit\x18\x05 \x01(\rR\x05limit\"<\n\x12GetCandlesResponse\x12&\n\x04\x62\x61rs\x18\x01 \x03(\x0b\x32\x12.mt5.market.v1.BarR\x04\x62\x61rs2\x88\x02\n\x11\x41ggregatorService\x12m\n\x10SubscribeCandles\x12*.mt5.aggregator.v1.SubscribeCandlesRequest\x1a+.mt5.aggregator.v1.SubscribeCandlesResponse0\x01\x12\x83\x01\n\nGetCandles\x12$.mt5.aggregator.v1.GetCandlesRequest\x1a%.mt5.aggregator.v1.GetCandlesResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /v1/candles/{symbol}/{timeframe}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*mt5/aggregator/v1/aggregator_service.proto\x12\x11mt5.aggregator.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1amt5/market/v1/market.proto\"\xf9\x01\n\x17SubscribeCandlesRequest\x12\x18\n\x07symbols\x18\x01 \x03(\tR\x07symbols\x12\x38\n\ntimeframes\x18\x02 \x03(\x0e\x32\x18.mt5.market.v1.TimeframeR\ntimeframes\x12\x1f\n\x0b\x66rom_cursor\x18\x03 \x01(\x04R\nfromCursor\x12\'\n\x0finclude_forming\x18\x04 \x01(\x08R\x0eincludeForming\x12\x1f\n\x0bshard_count\x18\x05 \x01(\rR\nshardCount\x12\x1f\n\x0bshard_index\x18\x06 \x01(\rR\nshardIndex\"z\n\x18SubscribeCandlesResponse\x12\x16\n\x06\x63ursor\x18\x01 \x01(\x04R\x06\x63ursor\x12$\n\x03\x62\x61r\x18\x02 \x01(\x0b\x32\x12.mt5.market.v1.BarR\x03\x62\x61r\x12 \n\x0btraceparent\x18\x03 \x01(\tR\x0btraceparent\"\xd5\x01\n\x11GetCandlesRequest\x12\x16\n\x06symbol\x18\x01 \x01(\tR\x06symbol\x12\x36\n\ttimeframe\x18\x02 \x01(\x0e\x32\x18.mt5.market.v1.TimeframeR\ttimeframe\x12.\n\x04\x66rom\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x04\x66rom\x12*\n\x02to\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x02to\x12\x14\n\x05limit\x18\x05 \x01(\rR\x05limit\"<\n\x12GetCandlesResponse\x12&\n\x04\x62\x61rs\x18\x01 \x03(\x0b\x32\x12.mt5.market.v1.BarR\x04\x62\x61rs2\x88\x02\n\x11\x41ggregatorService\x12m\n\x10SubscribeCandles\x12*.mt5.aggregator.v1.SubscribeCandlesRequest\x1a+.mt5.aggregator.v1.SubscribeCandlesResponse0\x01\x12\x83\x01\n\nGetCandles\x12$.mt5.aggregator.v1.GetCandlesRequest\x1a%.mt5.aggregator.v1.GetCandlesResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /v1/candles/{symbol}/{timeframe}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,11 +39,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBSCRIBECANDLESREQUEST']._serialized_start=157
   _globals['_SUBSCRIBECANDLESREQUEST']._serialized_end=406
   _globals['_SUBSCRIBECANDLESRESPONSE']._serialized_start=408
-  _globals['_SUBSCRIBECANDLESRESPONSE']._serialized_end=496
-  _globals['_GETCANDLESREQUEST']._serialized_start=499
-  _globals['_GETCANDLESREQUEST']._serialized_end=712
-  _globals['_GETCANDLESRESPONSE']._serialized_start=714
-  _globals['_GETCANDLESRESPONSE']._serialized_end=774
-  _globals['_AGGREGATORSERVICE']._serialized_start=777
-  _globals['_AGGREGATORSERVICE']._serialized_end=1041
+  _globals['_SUBSCRIBECANDLESRESPONSE']._serialized_end=530
+  _globals['_GETCANDLESREQUEST']._serialized_start=533
+  _globals['_GETCANDLESREQUEST']._serialized_end=746
+  _globals['_GETCANDLESRESPONSE']._serialized_start=748
+  _globals['_GETCANDLESRESPONSE']._serialized_end=808
+  _globals['_AGGREGATORSERVICE']._serialized_start=811
+  _globals['_AGGREGATORSERVICE']._serialized_end=1075
 # @@protoc_insertion_point(module_scope)

@@ -28,12 +28,14 @@ class SubscribeCandlesRequest(_message.Message):
     def __init__(self, symbols: _Optional[_Iterable[str]] = ..., timeframes: _Optional[_Iterable[_Union[_market_pb2.Timeframe, str]]] = ..., from_cursor: _Optional[int] = ..., include_forming: _Optional[bool] = ..., shard_count: _Optional[int] = ..., shard_index: _Optional[int] = ...) -> None: ...
 
 class SubscribeCandlesResponse(_message.Message):
-    __slots__ = ("cursor", "bar")
+    __slots__ = ("cursor", "bar", "traceparent")
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     BAR_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     cursor: int
     bar: _market_pb2.Bar
-    def __init__(self, cursor: _Optional[int] = ..., bar: _Optional[_Union[_market_pb2.Bar, _Mapping]] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, cursor: _Optional[int] = ..., bar: _Optional[_Union[_market_pb2.Bar, _Mapping]] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class GetCandlesRequest(_message.Message):
     __slots__ = ("symbol", "timeframe", "to", "limit")

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from mt5.market.v1 import market_pb2 as mt5_dot_market_dot_v1_dot_market__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*mt5/indicators/v1/indicators_service.proto\x12\x11mt5.indicators.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1amt5/market/v1/market.proto\"\xba\x01\n\x1aSubscribeIndicatorsRequest\x12\x18\n\x07symbols\x18\x01 \x03(\tR\x07symbols\x12\x38\n\ntimeframes\x18\x02 \x03(\x0e\x32\x18.mt5.market.v1.TimeframeR\ntimeframes\x12\x1f\n\x0b\x66rom_cursor\x18\x03 \x01(\x04R\nfromCursor\x12\'\n\x0finclude_forming\x18\x04 \x01(\x08R\x0eincludeForming\"m\n\x1bSubscribeIndicatorsResponse\x12\x16\n\x06\x63ursor\x18\x01 \x01(\x04R\x06\x63ursor\x12\x36\n\x06values\x18\x02 \x01(\x0b\x32\x1e.mt5.market.v1.IndicatorValuesR\x06values\"\xf0\x01\n\x14GetIndicatorsRequest\x12\x16\n\x06symbol\x18\x01 \x01(\tR\x06symbol\x12\x36\n\ttimeframe\x18\x02 \x01(\x0e\x32\x18.mt5.market.v1.TimeframeR\ttimeframe\x12.\n\x04\x66rom\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x04\x66rom\x12*\n\x02to\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x02to\x12\x14\n\x05limit\x18\x05 \x01(\rR\x05limit\x12\x16\n\x06newest\x18\x06 \x01(\x08R\x06newest\"O\n\x15GetIndicatorsResponse\x12\x36\n\x06values\x18\x01 \x03(\x0b\x32\x1e.mt5.market.v1.IndicatorValuesR\x06values\"-\n\x15ListIndicatorsRequest\x12\x14\n\x05group\x18\x01 \x01(\tR\x05group\"\\\n\x16ListIndicatorsResponse\x12\x42\n\tfunctions\x18\x01 \x03(\x0b\x32$.mt5.indicators.v1.IndicatorFunctionR\tfunctions\"\xd9\x01\n\x11IndicatorFunction\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05group\x18\x02 \x01(\tR\x05group\x12!\n\x0c\x64isplay_name\x18\x03 \x01(\tR\x0b\x64isplayName\x12\x16\n\x06inputs\x18\x04 \x03(\tR\x06inputs\x12\x45\n\nparameters\x18\x05 \x03(\x0b\x32%.mt5.indicators.v1.IndicatorParameterR\nparameters\x12\x18\n\x07outputs\x18\x06 \x03(\tR\x07outputs\"M\n\x12IndicatorParameter\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12#\n\rdefault_value\x18\x02 \x01(\x01R\x0c\x64\x65\x66\x61ultValue\"\xfc\x02\n\x17\x43omputeIndicatorRequest\x12\x1a\n\x08\x66unction\x18\x01 \x01(\tR\x08\x66unction\x12Z\n\nparameters\x18\x02 \x03(\x0b\x32:.mt5.indicators.v1.ComputeIndicatorRequest.ParametersEntryR\nparameters\x12\x16\n\x06symbol\x18\x03 \x01(\tR\x06symbol\x12\x36\n\ttimeframe\x18\x04 \x01(\x0e\x32\x18.mt5.market.v1.TimeframeR\ttimeframe\x12.\n\x04\x66rom\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x04\x66rom\x12*\n\x02to\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x02to\x1a=\n\x0fParametersEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\x01R\x05value:\x02\x38\x01\"\x91\x01\n\x18\x43omputeIndicatorResponse\x12:\n\ntimestamps\x18\x01 \x03(\x0b\x32\x1a.google.protobuf.TimestampR\ntimestamps\x12\x39\n\x07outputs\x18\x02 \x03(\x0b\x32\x1f.mt5.indicators.v1.OutputSeriesR\x07outputs\"]\n\x0cOutputSeries\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x39\n\x06values\x18\x02 \x03(\x0b\x32!.mt5.indicators.v1.OptionalDoubleR\x06values\"5\n\x0eOptionalDouble\x12\x19\n\x05value\x18\x01 \x01(\x01H\x00R\x05value\x88\x01\x01\x42\x08\n\x06_value2\xb6\x04\n\x11IndicatorsService\x12v\n\x13SubscribeIndicators\x12-.mt5.indicators.v1.SubscribeIndicatorsRequest\x1a..mt5.indicators.v1.SubscribeIndicatorsResponse0\x01\x12\x8f\x01\n\rGetIndicators\x12\'.mt5.indicators.v1.GetIndicatorsRequest\x1a(.mt5.indicators.v1.GetIndicatorsResponse\"+\x82\xd3\xe4\x93\x02%\x12#/v1/indicators/{symbol}/{timeframe}\x12\x85\x01\n\x0eListIndicators\x12(.mt5.indicators.v1.ListIndicatorsRequest\x1a).mt5.indicators.v1.ListIndicatorsResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/indicators/catalog\x12\x8e\x01\n\x10\x43omputeIndicator\x12*.mt5.indicators.v1.ComputeIndicatorRequest\x1a+.mt5.indicators.v1.ComputeIndicatorResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/indicators:compute:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*mt5/indicators/v1/indicators_service.proto\x12\x11mt5.indicators.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1amt5/market/v1/market.proto\"\xba\x01\n\x1aSubscribeIndicatorsRequest\x12\x18\n\x07symbols\x18\x01 \x03(\tR\x07symbols\x12\x38\n\ntimeframes\x18\x02 \x03(\x0e\x32\x18.mt5.market.v1.TimeframeR\ntimeframes\x12\x1f\n\x0b\x66rom_cursor\x18\x03 \x01(\x04R\nfromCursor\x12\'\n\x0finclude_forming\x18\x04 \x01(\x08R\x0eincludeForming\"\x8f\x01\n\x1bSubscribeIndicatorsResponse\x12\x16\n\x06\x63ursor\x18\x01 \x01(\x04R\x06\x63ursor\x12\x36\n\x06values\x18\x02 \x01(\x0b\x32\x1e.mt5.market.v1.IndicatorValuesR\x06values\x12 \n\x0btraceparent\x18\x03 \x01(\tR\x0btraceparent\"\xf0\x01\n\x14GetIndicatorsRequest\x12\x16\n\x06symbol\x18\x01 \x01(\tR\x06symbol\x12\x36\n\ttimeframe\x18\x02 \x01(\x0e\x32\x18.mt5.market.v1.TimeframeR\ttimeframe\x12.\n\x04\x66rom\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x04\x66rom\x12*\n\x02to\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x02to\x12\x14\n\x05limit\x18\x05 \x01(\rR\x05limit\x12\x16\n\x06newest\x18\x06 \x01(\x08R\x06newest\"O\n\x15GetIndicatorsResponse\x12\x36\n\x06values\x18\x01 \x03(\x0b\x32\x1e.mt5.market.v1.IndicatorValuesR\x06values\"-\n\x15ListIndicatorsRequest\x12\x14\n\x05group\x18\x01 \x01(\tR\x05group\"\\\n\x16ListIndicatorsResponse\x12\x42\n\tfunctions\x18\x01 \x03(\x0b\x32$.mt5.indicators.v1.IndicatorFunctionR\tfunctions\"\xd9\x01\n\x11IndicatorFunction\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05group\x18\x02 \x01(\tR\x05group\x12!\n\x0c\x64isplay_name\x18\x03 \x01(\tR\x0b\x64isplayName\x12\x16\n\x06inputs\x18\x04 \x03(\tR\x06inputs\x12\x45\n\nparameters\x18\x05 \x03(\x0b\x32%.mt5.indicators.v1.IndicatorParameterR\nparameters\x12\x18\n\x07outputs\x18\x06 \x03(\tR\x07outputs\"M\n\x12IndicatorParameter\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12#\n\rdefault_value\x18\x02 \x01(\x01R\x0c\x64\x65\x66\x61ultValue\"\xfc\x02\n\x17\x43omputeIndicatorRequest\x12\x1a\n\x08\x66unction\x18\x01 \x01(\tR\x08\x66unction\x12Z\n\nparameters\x18\x02 \x03(\x0b\x32:.mt5.indicators.v1.ComputeIndicatorRequest.ParametersEntryR\nparameters\x12\x16\n\x06symbol\x18\x03 \x01(\tR\x06symbol\x12\x36\n\ttimeframe\x18\x04 \x01(\x0e\x32\x18.mt5.market.v1.TimeframeR\ttimeframe\x12.\n\x04\x66rom\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x04\x66rom\x12*\n\x02to\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x02to\x1a=\n\x0fParametersEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\x01R\x05value:\x02\x38\x01\"\x91\x01\n\x18\x43omputeIndicatorResponse\x12:\n\ntimestamps\x18\x01 \x03(\x0b\x32\x1a.google.protobuf.TimestampR\ntimestamps\x12\x39\n\x07outputs\x18\x02 \x03(\x0b\x32\x1f.mt5.indicators.v1.OutputSeriesR\x07outputs\"]\n\x0cOutputSeries\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x39\n\x06values\x18\x02 \x03(\x0b\x32!.mt5.indicators.v1.OptionalDoubleR\x06values\"5\n\x0eOptionalDouble\x12\x19\n\x05value\x18\x01 \x01(\x01H\x00R\x05value\x88\x01\x01\x42\x08\n\x06_value2\xb6\x04\n\x11IndicatorsService\x12v\n\x13SubscribeIndicators\x12-.mt5.indicators.v1.SubscribeIndicatorsRequest\x1a..mt5.indicators.v1.SubscribeIndicatorsResponse0\x01\x12\x8f\x01\n\rGetIndicators\x12\'.mt5.indicators.v1.GetIndicatorsRequest\x1a(.mt5.indicators.v1.GetIndicatorsResponse\"+\x82\xd3\xe4\x93\x02%\x12#/v1/indicators/{symbol}/{timeframe}\x12\x85\x01\n\x0eListIndicators\x12(.mt5.indicators.v1.ListIndicatorsRequest\x1a).mt5.indicators.v1.ListIndicatorsResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/indicators/catalog\x12\x8e\x01\n\x10\x43omputeIndicator\x12*.mt5.indicators.v1.ComputeIndicatorRequest\x1a+.mt5.indicators.v1.ComputeIndicatorResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/indicators:compute:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,30 +44,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INDICATORSSERVICE'].methods_by_name['ComputeIndicator']._serialized_options = b'\202\323\344\223\002\033\"\026/v1/indicators:compute:\001*'
   _globals['_SUBSCRIBEINDICATORSREQUEST']._serialized_start=157
   _globals['_SUBSCRIBEINDICATORSREQUEST']._serialized_end=343
-  _globals['_SUBSCRIBEINDICATORSRESPONSE']._serialized_start=345
-  _globals['_SUBSCRIBEINDICATORSRESPONSE']._serialized_end=454
-  _globals['_GETINDICATORSREQUEST']._serialized_start=457
-  _globals['_GETINDICATORSREQUEST']._serialized_end=697
-  _globals['_GETINDICATORSRESPONSE']._serialized_start=699
-  _globals['_GETINDICATORSRESPONSE']._serialized_end=778
-  _globals['_LISTINDICATORSREQUEST']._serialized_start=780
-  _globals['_LISTINDICATORSREQUEST']._serialized_end=825
-  _globals['_LISTINDICATORSRESPONSE']._serialized_start=827
-  _globals['_LISTINDICATORSRESPONSE']._serialized_end=919
-  _globals['_INDICATORFUNCTION']._serialized_start=922
-  _globals['_INDICATORFUNCTION']._serialized_end=1139
-  _globals['_INDICATORPARAMETER']._serialized_start=1141
-  _globals['_INDICATORPARAMETER']._serialized_end=1218
-  _globals['_COMPUTEINDICATORREQUEST']._serialized_start=1221
-  _globals['_COMPUTEINDICATORREQUEST']._serialized_end=1601
-  _globals['_COMPUTEINDICATORREQUEST_PARAMETERSENTRY']._serialized_start=1540
-  _globals['_COMPUTEINDICATORREQUEST_PARAMETERSENTRY']._serialized_end=1601
-  _globals['_COMPUTEINDICATORRESPONSE']._serialized_start=1604
-  _globals['_COMPUTEINDICATORRESPONSE']._serialized_end=1749
-  _globals['_OUTPUTSERIES']._serialized_start=1751
-  _globals['_OUTPUTSERIES']._serialized_end=1844
-  _globals['_OPTIONALDOUBLE']._serialized_start=1846
-  _globals['_OPTIONALDOUBLE']._serialized_end=1899
-  _globals['_INDICATORSSERVICE']._serialized_start=1902
-  _globals['_INDICATORSSERVICE']._serialized_end=2468
+  _globals['_SUBSCRIBEINDICATORSRESPONSE']._serialized_start=346
+  _globals['_SUBSCRIBEINDICATORSRESPONSE']._serialized_end=489
+  _globals['_GETINDICATORSREQUEST']._serialized_start=492
+  _globals['_GETINDICATORSREQUEST']._serialized_end=732
+  _globals['_GETINDICATORSRESPONSE']._serialized_start=734
+  _globals['_GETINDICATORSRESPONSE']._serialized_end=813
+  _globals['_LISTINDICATORSREQUEST']._serialized_start=815
+  _globals['_LISTINDICATORSREQUEST']._serialized_end=860
+  _globals['_LISTINDICATORSRESPONSE']._serialized_start=862
+  _globals['_LISTINDICATORSRESPONSE']._serialized_end=954
+  _globals['_INDICATORFUNCTION']._serialized_start=957
+  _globals['_INDICATORFUNCTION']._serialized_end=1174
+  _globals['_INDICATORPARAMETER']._serialized_start=1176
+  _globals['_INDICATORPARAMETER']._serialized_end=1253
+  _globals['_COMPUTEINDICATORREQUEST']._serialized_start=1256
+  _globals['_COMPUTEINDICATORREQUEST']._serialized_end=1636
+  _globals['_COMPUTEINDICATORREQUEST_PARAMETERSENTRY']._serialized_start=1575
+  _globals['_COMPUTEINDICATORREQUEST_PARAMETERSENTRY']._serialized_end=1636
+  _globals['_COMPUTEINDICATORRESPONSE']._serialized_start=1639
+  _globals['_COMPUTEINDICATORRESPONSE']._serialized_end=1784
+  _globals['_OUTPUTSERIES']._serialized_start=1786
+  _globals['_OUTPUTSERIES']._serialized_end=1879
+  _globals['_OPTIONALDOUBLE']._serialized_start=1881
+  _globals['_OPTIONALDOUBLE']._serialized_end=1934
+  _globals['_INDICATORSSERVICE']._serialized_start=1937
+  _globals['_INDICATORSSERVICE']._serialized_end=2503
 # @@protoc_insertion_point(module_scope)

@@ -24,12 +24,14 @@ class SubscribeIndicatorsRequest(_message.Message):
     def __init__(self, symbols: _Optional[_Iterable[str]] = ..., timeframes: _Optional[_Iterable[_Union[_market_pb2.Timeframe, str]]] = ..., from_cursor: _Optional[int] = ..., include_forming: _Optional[bool] = ...) -> None: ...
 
 class SubscribeIndicatorsResponse(_message.Message):
-    __slots__ = ("cursor", "values")
+    __slots__ = ("cursor", "values", "traceparent")
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     cursor: int
     values: _market_pb2.IndicatorValues
-    def __init__(self, cursor: _Optional[int] = ..., values: _Optional[_Union[_market_pb2.IndicatorValues, _Mapping]] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, cursor: _Optional[int] = ..., values: _Optional[_Union[_market_pb2.IndicatorValues, _Mapping]] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class GetIndicatorsRequest(_message.Message):
     __slots__ = ("symbol", "timeframe", "to", "limit", "newest")

@@ -20,12 +20,14 @@ class SubscribeSignalsRequest(_message.Message):
     def __init__(self, symbols: _Optional[_Iterable[str]] = ..., timeframes: _Optional[_Iterable[_Union[_market_pb2.Timeframe, str]]] = ..., from_cursor: _Optional[int] = ...) -> None: ...
 
 class SubscribeSignalsResponse(_message.Message):
-    __slots__ = ("cursor", "signal")
+    __slots__ = ("cursor", "signal", "traceparent")
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     cursor: int
     signal: _market_pb2.Signal
-    def __init__(self, cursor: _Optional[int] = ..., signal: _Optional[_Union[_market_pb2.Signal, _Mapping]] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, cursor: _Optional[int] = ..., signal: _Optional[_Union[_market_pb2.Signal, _Mapping]] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class FeatureRow(_message.Message):
     __slots__ = ("values",)

@@ -162,14 +162,16 @@ class SubscribeCandlesRequest(_message.Message):
     def __init__(self, from_cursor: _Optional[int] = ..., symbols: _Optional[_Iterable[str]] = ..., timeframes: _Optional[_Iterable[_Union[_market_pb2.Timeframe, str]]] = ..., shard_count: _Optional[int] = ..., shard_index: _Optional[int] = ...) -> None: ...
 
 class SubscribeCandlesResponse(_message.Message):
-    __slots__ = ("cursor", "candle", "revision")
+    __slots__ = ("cursor", "candle", "revision", "traceparent")
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     CANDLE_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     cursor: int
     candle: _market_pb2.Candle
     revision: int
-    def __init__(self, cursor: _Optional[int] = ..., candle: _Optional[_Union[_market_pb2.Candle, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, cursor: _Optional[int] = ..., candle: _Optional[_Union[_market_pb2.Candle, _Mapping]] = ..., revision: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class CheckHealthRequest(_message.Message):
     __slots__ = ()
