@@ -64,6 +64,10 @@ class AggregationStage:
             for feed in (TICKS_FEED, CANDLES_FEED)
         }
         self._cursors = {TICKS_FEED: 0, CANDLES_FEED: 0}
+        # Whether the tick feed last said it is caught up: the wall clock may close the bars of a
+        # quiet market only then. A backlog (after a restart, or while the aggregator is slow) is
+        # not a quiet market, and closing its bars early would make its ticks "late" and drop them.
+        self._ticks_at_head = False
         self.forming = LiveFanout[Bar](config.forming_queue)
 
     # --- start ----------------------------------------------------------------------------------
@@ -126,10 +130,23 @@ class AggregationStage:
                 from_cursor=cursor, shard_count=self._config.shard_count, shard_index=self._config.shard_index
             )
         )
-        async for page in call:
-            await self._room.wait()
-            self._apply_ticks(page)
-            yield None
+        self._ticks_at_head = False
+        try:
+            async for page in call:
+                await self._room.wait()
+                self._ticks_at_head = page.at_head
+                if not page.ticks and page.cursor == self._cursors[TICKS_FEED]:
+                    yield None  # nothing new: the feed only says we are caught up
+                    continue
+                with telemetry.continued_span(
+                    "aggregator.apply_ticks", page.traceparents, {"mt5.ticks": len(page.ticks)}
+                ) as traced:
+                    self._apply_ticks(page)
+                    if traced is not None:
+                        self._pending.traces.append(traced)
+                yield None
+        finally:
+            self._ticks_at_head = False  # until the next subscription says so again
 
     async def _candle_pages(self, cursor: int) -> AsyncIterator[None]:
         call = self._ingest.SubscribeCandles(
@@ -211,7 +228,8 @@ class AggregationStage:
     async def _clock(self) -> None:
         while True:
             await asyncio.sleep(self._config.clock_seconds)
-            self._record(self.core.advance_clock(self._now()))
+            if self._ticks_at_head:
+                self._record(self.core.advance_clock(self._now()))
 
     def _record(self, emitted: Emitted) -> None:
         if not emitted.final and not emitted.forming and not self._pending:

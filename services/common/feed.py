@@ -53,11 +53,17 @@ async def follow(
     page_size: int = 1000,
     poll_seconds: float = 1.0,
     feed: str = "",
+    announce_head: bool = False,
 ) -> AsyncGenerator[Sequence[T], None]:
     """Yield every item after ``cursor`` in cursor order, forever, a page at a time.
 
+    A page shorter than ``page_size`` reached the newest committed item. With ``announce_head``,
+    reaching it with nothing new also yields an empty page (once, until new items come), so a
+    subscriber learns it is caught up even when there was nothing to send.
+
     A named ``feed`` reports the subscription's lag (``mt5_feed_lag_*``, see services.common.metrics).
     """
+    announced = False
     with metrics.FEED_LAG.track(feed, cursor) if feed else contextlib.nullcontext() as position:
         while True:
             waiter = signal.waiter()
@@ -66,6 +72,10 @@ async def follow(
             if items:
                 yield items
                 cursor = items[-1].cursor
+                announced = len(items) < page_size
+            elif announce_head and not announced:
+                yield items
+                announced = True
             if len(items) < page_size:
                 if position is not None:
                     # Everything committed before the read started has now been delivered.

@@ -90,6 +90,7 @@ ingest_ticks = Table(
     Column("ask", Price, nullable=False),
     Column("volume", Price, nullable=False),
     Column("source_id", String(64), nullable=True),
+    traceparent_column(),
     UniqueConstraint("symbol", "ts", "bid", "ask"),
 )
 

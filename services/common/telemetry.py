@@ -166,18 +166,28 @@ def message_span(
 
 @contextlib.contextmanager
 def continued_span(
-    name: str, traceparent: str | None, attributes: Mapping[str, str | int | float | bool] | None = None
+    name: str,
+    traceparents: str | Sequence[str] | None,
+    attributes: Mapping[str, str | int | float | bool] | None = None,
 ) -> Iterator[SpanContext | None]:
-    """A span continuing the trace a stored feed row carries, yielding its context for the commit.
+    """A span continuing the trace(s) stored feed rows carry, yielding its context for the commit.
 
-    Rows written by an untraced commit carry no ``traceparent``: then nothing is recorded (a
-    background stage never starts traces of its own) and None is yielded.
+    With several contexts (a page of rows from several commits) the span is a child of the first
+    and links the others. Rows written by an untraced commit carry none: then nothing is recorded
+    (a background stage never starts traces of its own) and None is yielded.
     """
-    if not traceparent:
+    given = [traceparents] if isinstance(traceparents, str) else list(traceparents or ())
+    members = [c for c in (_span_context(t) for t in given if t) if c is not None]
+    if not members:
         yield None
         return
-    with message_span(name, carrier={"traceparent": traceparent}, attributes=attributes):
+    with group_span(name, members, dict(attributes or {})):
         yield current_span_context()
+
+
+def _span_context(traceparent: str) -> SpanContext | None:
+    context = trace.get_current_span(propagate.extract({"traceparent": traceparent})).get_span_context()
+    return context if context.is_valid else None
 
 
 @contextlib.contextmanager

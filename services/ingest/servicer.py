@@ -130,14 +130,18 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         with self._slots.take() as admitted:
             if not admitted:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many subscribers; retry later")
-            async for page in self._follow(read, request.from_cursor, metrics.TICKS_FEED):
+            cursor = request.from_cursor
+            async for page in self._follow(read, cursor, metrics.TICKS_FEED, announce_head=True):
+                ours = [item for item in page if mine(item.tick.symbol)]
+                cursor = page[-1].cursor if page else cursor
                 yield pb.SubscribeTicksResponse(
-                    cursor=page[-1].cursor,
+                    cursor=cursor,
+                    at_head=len(page) < self._config.feed_page_size,
                     ticks=[
                         pb.CursorTick(cursor=item.cursor, tick=protoconv.tick_to_pb(item.tick))
-                        for item in page
-                        if mine(item.tick.symbol)
+                        for item in ours
                     ],
+                    traceparents=list(dict.fromkeys(item.traceparent for item in ours if item.traceparent)),
                 )
 
     async def SubscribeCandles(
@@ -190,12 +194,18 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         return lambda symbol: shard_of(symbol, count) == index
 
     def _follow(
-        self, read: Callable[[int, int], Awaitable[list[_Item]]], cursor: int, feed: str
+        self,
+        read: Callable[[int, int], Awaitable[list[_Item]]],
+        cursor: int,
+        feed: str,
+        *,
+        announce_head: bool = False,
     ) -> AsyncIterator[Sequence[_Item]]:
         return follow(
             read,
             self._commits.committed,
             cursor,
+            announce_head=announce_head,
             page_size=self._config.feed_page_size,
             poll_seconds=self._config.feed_poll_seconds,
             feed=feed,

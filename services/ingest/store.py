@@ -55,6 +55,7 @@ class StoredTick:
 
     cursor: int
     tick: Tick
+    traceparent: str | None = None  # of the commit that stored it, when traced
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -83,16 +84,18 @@ class IngestStore:
     ) -> tuple[list[TickBatchResult], list[list[CandleStatus]]]:
         """Store every batch in one transaction and say what happened to each item.
 
-        ``traceparent`` (the commit's trace context) is stored with the candle changes it logs.
+        ``traceparent`` (the commit's trace context) is stored with the ticks and candle changes.
         """
         with db.write_transaction(self._engine, WRITE_LOCK_KEY) as conn:
-            tick_results = self._commit_ticks(conn, tick_batches) if tick_batches else []
+            tick_results = self._commit_ticks(conn, tick_batches, traceparent) if tick_batches else []
             candle_results = self._commit_candles(conn, candle_batches, traceparent) if candle_batches else []
         return tick_results, candle_results
 
     # --- ticks -------------------------------------------------------------------------------
 
-    def _commit_ticks(self, conn: Connection, batches: Sequence[TickBatch]) -> list[TickBatchResult]:
+    def _commit_ticks(
+        self, conn: Connection, batches: Sequence[TickBatch], traceparent: str | None
+    ) -> list[TickBatchResult]:
         sourced = [
             (b.source_id, b.sequence) for b in batches if b.source_id is not None and b.sequence is not None
         ]
@@ -109,7 +112,11 @@ class IngestStore:
             if not is_replay:
                 fresh.append(batch)
         rows = [(t, b.source_id) for b in fresh for t in b.ticks]
-        inserted = self._insert_ticks_copy(conn, rows) if self._postgres else self._insert_ticks(conn, rows)
+        inserted = (
+            self._insert_ticks_copy(conn, rows, traceparent)
+            if self._postgres
+            else self._insert_ticks(conn, rows, traceparent)
+        )
         new_batches = [b for b in fresh if b.source_id is not None]
         if new_batches:
             now = dt.datetime.now(dt.UTC)
@@ -147,7 +154,9 @@ class IngestStore:
             found.update((row.source_id, row.sequence) for row in conn.execute(query))
         return found
 
-    def _insert_ticks(self, conn: Connection, rows: Sequence[tuple[Tick, str | None]]) -> set[TickKey]:
+    def _insert_ticks(
+        self, conn: Connection, rows: Sequence[tuple[Tick, str | None]], traceparent: str | None
+    ) -> set[TickKey]:
         if not rows:
             return set()
         t = ingest_ticks
@@ -164,6 +173,7 @@ class IngestStore:
                 "ask": tick.ask,
                 "volume": tick.volume,
                 "source_id": source,
+                "traceparent": traceparent,
             }
             for tick, source in rows
         ]
@@ -171,7 +181,7 @@ class IngestStore:
         return {(r.symbol, r.ts, r.bid, r.ask) for r in result}
 
     def _insert_ticks_copy(
-        self, conn: Connection, rows: Sequence[tuple[Tick, str | None]]
+        self, conn: Connection, rows: Sequence[tuple[Tick, str | None]], traceparent: str | None
     ) -> set[TickKey] | None:
         """PostgreSQL: binary COPY into a session staging table, then one deduplicating INSERT.
 
@@ -189,6 +199,8 @@ class IngestStore:
                 "ts timestamptz, bid float8, ask float8, volume float8, source_id text) "
                 "ON COMMIT DELETE ROWS"
             )
+            # The commit's trace context is one value for all its rows: a constant in the INSERT,
+            # not a column of the COPY.
             with cur.copy(
                 "COPY ingest_ticks_stage (ord, symbol, ts, bid, ask, volume, source_id) "
                 "FROM STDIN (FORMAT BINARY)"
@@ -199,9 +211,11 @@ class IngestStore:
             # ORDER BY keeps ids (cursors) in request order. Only ids come back: when every row was
             # new (the common case) nothing else needs decoding inside the transaction.
             cur.execute(
-                "INSERT INTO ingest_ticks (symbol, ts, bid, ask, volume, source_id) "
-                "SELECT symbol, ts, bid, ask, volume, source_id FROM ingest_ticks_stage ORDER BY ord "
-                "ON CONFLICT (symbol, ts, bid, ask) DO NOTHING RETURNING id"
+                "INSERT INTO ingest_ticks (symbol, ts, bid, ask, volume, source_id, traceparent) "
+                "SELECT symbol, ts, bid, ask, volume, source_id, %s::text "
+                "FROM ingest_ticks_stage ORDER BY ord "
+                "ON CONFLICT (symbol, ts, bid, ask) DO NOTHING RETURNING id",
+                (traceparent,),
             )
             ids = [row[0] for row in cur.fetchall()]
             if len(ids) == len(rows):
@@ -276,12 +290,16 @@ class IngestStore:
     def ticks_after(self, cursor: int, symbols: Sequence[str], limit: int) -> list[StoredTick]:
         """Committed ticks with a cursor above ``cursor``, in cursor order."""
         t = ingest_ticks
-        query = select(t.c.id, t.c.symbol, t.c.ts, t.c.bid, t.c.ask, t.c.volume).where(t.c.id > cursor)
+        query = select(t.c.id, t.c.symbol, t.c.ts, t.c.bid, t.c.ask, t.c.volume, t.c.traceparent).where(
+            t.c.id > cursor
+        )
         if symbols:
             query = query.where(t.c.symbol.in_(symbols))
         with self._engine.connect() as conn:
             rows = conn.execute(query.order_by(t.c.id).limit(limit))
-            return [StoredTick(r.id, Tick(r.symbol, r.ts, r.bid, r.ask, r.volume)) for r in rows]
+            return [
+                StoredTick(r.id, Tick(r.symbol, r.ts, r.bid, r.ask, r.volume), r.traceparent) for r in rows
+            ]
 
     def ticks_between(self, symbol: str, start: dt.datetime, end: dt.datetime) -> list[StoredTick]:
         """Committed ticks of a symbol with ``start <= ts < end``, in cursor (arrival) order."""

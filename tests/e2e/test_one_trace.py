@@ -134,3 +134,27 @@ def test_ea_post_closing_a_bar_one_trace_envoy_to_signal(traced: Traced) -> None
 
     # And the signal of the candle the EA posted is there.
     wait_until(lambda: _signal_at(mesh, START + dt.timedelta(minutes=HISTORY)), 30, what="the signal")
+
+
+def test_ea_tick_post_trace_continues_into_the_aggregator(traced: Traced) -> None:
+    mesh, receiver = traced.mesh, traced.receiver
+    receiver.clear()
+    ts = (START + dt.timedelta(days=1, seconds=5)).isoformat().replace("+00:00", "Z")
+    tick = {"symbol": "TICKTR", "ts": ts, "bid": 1.1, "ask": 1.1002}
+    reply = httpx.post(mesh.url + "/ingest/tick", json={"ticks": [tick]}, headers=HEADERS, timeout=10)
+    assert reply.status_code == 200, reply.text
+
+    def chain(spans: list[CollectedSpan]) -> tuple[CollectedSpan, CollectedSpan, CollectedSpan] | None:
+        commits = find(spans, service="ingest", name="ingest.commit")
+        for commit in commits:
+            applied = find(spans, service="aggregator", name="aggregator.apply_ticks", parent=commit)
+            for apply in applied:
+                committed = find(spans, service="aggregator", name="aggregator.commit", parent=apply)
+                if committed:
+                    return commit, apply, committed[0]
+        return None
+
+    commit, apply, aggregated = receiver.wait_for(chain, timeout=30)
+    assert commit.trace_id == apply.trace_id == aggregated.trace_id
+    gateway = find(receiver.spans(), service="gateway", kind="SERVER", trace_id=commit.trace_id)
+    assert len(gateway) == 1  # the EA's request started the trace

@@ -132,12 +132,16 @@ class SubscribeTicksRequest(_message.Message):
     def __init__(self, from_cursor: _Optional[int] = ..., symbols: _Optional[_Iterable[str]] = ..., shard_count: _Optional[int] = ..., shard_index: _Optional[int] = ...) -> None: ...
 
 class SubscribeTicksResponse(_message.Message):
-    __slots__ = ("cursor", "ticks")
+    __slots__ = ("cursor", "ticks", "traceparents", "at_head")
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     TICKS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENTS_FIELD_NUMBER: _ClassVar[int]
+    AT_HEAD_FIELD_NUMBER: _ClassVar[int]
     cursor: int
     ticks: _containers.RepeatedCompositeFieldContainer[CursorTick]
-    def __init__(self, cursor: _Optional[int] = ..., ticks: _Optional[_Iterable[_Union[CursorTick, _Mapping]]] = ...) -> None: ...
+    traceparents: _containers.RepeatedScalarFieldContainer[str]
+    at_head: bool
+    def __init__(self, cursor: _Optional[int] = ..., ticks: _Optional[_Iterable[_Union[CursorTick, _Mapping]]] = ..., traceparents: _Optional[_Iterable[str]] = ..., at_head: _Optional[bool] = ...) -> None: ...
 
 class CursorTick(_message.Message):
     __slots__ = ("cursor", "tick")

@@ -1,4 +1,4 @@
-"""Trace context on every feed log, so a trace follows data from stage to stage.
+"""Trace context on every feed log (and on ticks), so a trace follows data from stage to stage.
 
 Revision ID: 0006_traceparent
 Revises: 0005_inference
@@ -15,7 +15,7 @@ down_revision = "0005_inference"
 branch_labels = None
 depends_on = None
 
-_LOGS = ("ingest_candle_log", "agg_candle_log", "ind_log", "inf_signal_log")
+_LOGS = ("ingest_ticks", "ingest_candle_log", "agg_candle_log", "ind_log", "inf_signal_log")
 
 
 def upgrade() -> None:
