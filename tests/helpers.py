@@ -334,3 +334,42 @@ def running_mesh(
             envoy.stop()
         for service in services.values():
             service.kill()
+
+
+# How each stage follows the one before it, with clocks and polls fast enough for tests.
+_PIPELINE_ENV: dict[str, Callable[[str], dict[str, str]]] = {
+    "aggregator": lambda upstream: {
+        "AGGREGATOR_INGEST_ADDRESS": upstream,
+        "AGGREGATOR_CLOCK_SECONDS": "0.05",
+        "AGGREGATOR_FEED_POLL_SECONDS": "0.05",
+    },
+    "indicators": lambda upstream: {
+        "INDICATORS_AGGREGATOR_ADDRESS": upstream,
+        "INDICATORS_FEED_POLL_SECONDS": "0.05",
+    },
+    "inference": lambda upstream: {
+        "INFERENCE_INDICATORS_ADDRESS": upstream,
+        "INFERENCE_RELOAD_SECONDS": "0.1",
+        "INFERENCE_FEED_POLL_SECONDS": "0.05",
+    },
+}
+
+
+@contextlib.contextmanager
+def pipeline(
+    database_url: str,
+    workdir: pathlib.Path,
+    upto: str,
+    extra: Mapping[str, Mapping[str, str]] | None = None,
+) -> Iterator[list[ServiceProcess]]:
+    """Ingest, then each stage following the one before it, up to ``upto``; all killed on exit."""
+    started: list[ServiceProcess] = []
+    try:
+        for name in SERVICES[: SERVICES.index(upto) + 1]:
+            env = _PIPELINE_ENV[name](started[-1].address) if started else {}
+            env |= dict((extra or {}).get(name, {}))
+            started.append(make_service(name, database_url, workdir, env).start())
+        yield started
+    finally:
+        for service in reversed(started):
+            service.kill()

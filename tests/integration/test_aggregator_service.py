@@ -20,7 +20,7 @@ from services.common import db
 from services.common.market import Timeframe
 from services.common.schema import agg_candle_log, agg_candles
 from services.ingest.client import TickStreamer
-from tests.helpers import API_KEY, ServiceProcess, make_service
+from tests.helpers import API_KEY, ServiceProcess, pipeline
 from tests.market_data import Ticks, make_ticks, reference, tick_batches
 
 Stored = dict[tuple[Timeframe, dt.datetime], tuple[float, ...]]
@@ -28,21 +28,9 @@ Stored = dict[tuple[Timeframe, dt.datetime], tuple[float, ...]]
 
 @pytest.fixture
 def pair(database_url: str, tmp_path: pathlib.Path) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
-    ingest = make_service("ingest", database_url, tmp_path).start()
-    aggregator = make_service(
-        "aggregator",
-        database_url,
-        tmp_path,
-        {
-            "AGGREGATOR_INGEST_ADDRESS": ingest.address,
-            "AGGREGATOR_CLOCK_SECONDS": "0.05",
-            "AGGREGATOR_FEED_POLL_SECONDS": "0.05",
-            "AGGREGATOR_FORMING_QUEUE": "5",
-        },
-    ).start()
-    yield ingest, aggregator
-    aggregator.kill()
-    ingest.kill()
+    extra = {"aggregator": {"AGGREGATOR_FORMING_QUEUE": "5"}}
+    with pipeline(database_url, tmp_path, "aggregator", extra) as (ingest, aggregator):
+        yield ingest, aggregator
 
 
 def final_candles(database_url: str, symbol: str) -> Stored:

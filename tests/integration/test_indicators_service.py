@@ -17,7 +17,7 @@ from sqlalchemy import text
 
 from services.common import db
 from services.ingest.client import TickStreamer
-from tests.helpers import API_KEY, ServiceProcess, make_service
+from tests.helpers import API_KEY, ServiceProcess, pipeline
 from tests.market_data import make_ticks, reference, tick_batches
 from tests.pipeline_checks import IndicatorRows, indicator_log_duplicates, indicators_expected_and_stored
 
@@ -26,22 +26,8 @@ Trio = tuple[ServiceProcess, ServiceProcess, ServiceProcess]
 
 @pytest.fixture
 def trio(database_url: str, tmp_path: pathlib.Path) -> Iterator[Trio]:
-    ingest = make_service("ingest", database_url, tmp_path).start()
-    aggregator = make_service(
-        "aggregator",
-        database_url,
-        tmp_path,
-        {"AGGREGATOR_INGEST_ADDRESS": ingest.address, "AGGREGATOR_CLOCK_SECONDS": "0.05"},
-    ).start()
-    indicators = make_service(
-        "indicators",
-        database_url,
-        tmp_path,
-        {"INDICATORS_AGGREGATOR_ADDRESS": aggregator.address, "INDICATORS_FEED_POLL_SECONDS": "0.05"},
-    ).start()
-    yield ingest, aggregator, indicators
-    for service in (indicators, aggregator, ingest):
-        service.kill()
+    with pipeline(database_url, tmp_path, "indicators") as (ingest, aggregator, indicators):
+        yield ingest, aggregator, indicators
 
 
 async def settle(url: str, symbol: str, bars: int) -> tuple[IndicatorRows, IndicatorRows]:

@@ -16,7 +16,7 @@ from mt5.inference.v1 import inference_service_pb2 as pb
 from mt5.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
 from services.ingest.client import TickStreamer
-from tests.helpers import API_KEY, ServiceProcess, make_service, wait_until
+from tests.helpers import API_KEY, ServiceProcess, pipeline, wait_until
 from tests.inference_models import save_model
 from tests.market_data import make_ticks, tick_batches
 from tests.pipeline_checks import (
@@ -40,33 +40,9 @@ def models(tmp_path: pathlib.Path) -> pathlib.Path:
 
 @pytest.fixture
 def chain(database_url: str, tmp_path: pathlib.Path, models: pathlib.Path) -> Iterator[Chain]:
-    ingest = make_service("ingest", database_url, tmp_path).start()
-    aggregator = make_service(
-        "aggregator",
-        database_url,
-        tmp_path,
-        {"AGGREGATOR_INGEST_ADDRESS": ingest.address, "AGGREGATOR_CLOCK_SECONDS": "0.05"},
-    ).start()
-    indicators = make_service(
-        "indicators",
-        database_url,
-        tmp_path,
-        {"INDICATORS_AGGREGATOR_ADDRESS": aggregator.address, "INDICATORS_FEED_POLL_SECONDS": "0.05"},
-    ).start()
-    inference = make_service(
-        "inference",
-        database_url,
-        tmp_path,
-        {
-            "INFERENCE_INDICATORS_ADDRESS": indicators.address,
-            "INFERENCE_MODELS_DIR": str(models),
-            "INFERENCE_RELOAD_SECONDS": "0.1",
-            "INFERENCE_FEED_POLL_SECONDS": "0.05",
-        },
-    ).start()
-    yield ingest, aggregator, indicators, inference
-    for service in (inference, indicators, aggregator, ingest):
-        service.kill()
+    extra = {"inference": {"INFERENCE_MODELS_DIR": str(models)}}
+    with pipeline(database_url, tmp_path, "inference", extra) as (ingest, aggregator, indicators, inference):
+        yield ingest, aggregator, indicators, inference
 
 
 async def settle(url: str, minimum: int) -> tuple[FeatureRows, SignalRows]:
