@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install gen proto-deps k8s-sync k8s-render run bench-aggregator bench-indicators bench-tracing test test-unit test-integration test-e2e lint format migrate bench-ingest clean
+.PHONY: install gen proto-deps k8s-sync k8s-render run bench-aggregator bench-indicators bench-tracing proving-ground test test-unit test-integration test-e2e lint format migrate bench-ingest clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -78,6 +78,11 @@ bench-indicators: $(STAMP)
 
 bench-tracing: $(STAMP)
 	$(PY) -m bench.tracing_bench
+
+# Every part of the proving ground in turn (crash and resume, ...), full forms; each writes its key
+# of bench/results/proving_ground.json. `make proving-ground ARGS=--quick` runs the short forms.
+proving-ground: $(STAMP)
+	$(PY) -m bench.proving $(ARGS)
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

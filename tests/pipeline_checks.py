@@ -12,6 +12,8 @@ import dataclasses
 import datetime as dt
 import math
 import pathlib
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -65,22 +67,39 @@ class Mismatches:
     missing: int
     extra: int
     different: int
+    # A few of the keys, to start looking from (not compared).
+    examples: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     @property
     def total(self) -> int:
         return self.missing + self.extra + self.different
 
 
-def candle_mismatches(got: CandleRows, reference: CandleRows) -> Mismatches:
+def _examples(missing: set[Any], extra: set[Any], different: set[Any], prefix: str = "") -> tuple[str, ...]:
+    out: list[str] = []
+    for label, keys in (("missing", missing), ("extra", extra), ("different", different)):
+        out.extend(f"{prefix}{label} {k}" for k in sorted(map(_key, keys))[:3])
+    return tuple(out)
+
+
+def _key(key: tuple[Any, ...]) -> str:
+    return " ".join(
+        k.name if isinstance(k, Timeframe) else k.isoformat() if isinstance(k, dt.datetime) else str(k)
+        for k in key
+    )
+
+
+def candle_mismatches(got: CandleRows, reference: CandleRows, label: str = "") -> Mismatches:
     """Stored bars against the reference: OHLC bit for bit, volume and spread to 1e-12 relative."""
-    different = 0
+    different = set()
     for key in got.keys() & reference.keys():
         stored, expected = got[key], reference[key]
         if stored[:4] != expected[:4] or not all(
             math.isclose(a, b, rel_tol=1e-12) for a, b in zip(stored[4:], expected[4:], strict=True)
         ):
-            different += 1
-    return Mismatches(len(reference.keys() - got.keys()), len(got.keys() - reference.keys()), different)
+            different.add(key)
+    missing, extra = reference.keys() - got.keys(), got.keys() - reference.keys()
+    return Mismatches(len(missing), len(extra), len(different), _examples(missing, extra, different, label))
 
 
 def log_duplicates(url: str, table: Table, *version: str) -> int:
@@ -96,6 +115,34 @@ def log_duplicates(url: str, table: Table, *version: str) -> int:
             )
     finally:
         engine.dispose()
+
+
+def repeated_versions(
+    url: str, table: Table, key: Sequence[str], version: Sequence[str], examples: list[str] | None = None
+) -> int:
+    """Log rows equal to the previous row of the same ``key`` in every ``version`` column.
+
+    A stage that applied the same input twice logs the same version twice in a row. Unlike
+    ``log_duplicates`` this holds when earlier inputs are revised: the indicators of a later bar
+    are then published again under the bar's own revision, with other values.
+    """
+    engine = db.create_db_engine(url)
+    columns = [table.c[name] for name in (*key, *version)]
+    last: dict[tuple[Any, ...], tuple[int, tuple[Any, ...]]] = {}
+    repeated = 0
+    try:
+        with engine.connect() as conn:
+            for row in conn.execute(select(table.c.id, *columns).order_by(table.c.id)):
+                k, v = tuple(row[1 : len(key) + 1]), tuple(row[len(key) + 1 :])
+                previous = last.get(k)
+                if previous is not None and previous[1] == v:
+                    repeated += 1
+                    if examples is not None and len(examples) < 3:
+                        examples.append(f"{table.name} ids {previous[0]} and {row[0]}: {_key(k)}")
+                last[k] = (row[0], v)
+    finally:
+        engine.dispose()
+    return repeated
 
 
 def candle_log_duplicates(url: str) -> int:
@@ -142,15 +189,22 @@ def indicators_expected_and_stored(url: str, symbol: str) -> tuple[IndicatorRows
     return expected, stored
 
 
-def indicator_mismatches(expected: IndicatorRows, stored: IndicatorRows) -> Mismatches:
+def indicator_mismatches(expected: IndicatorRows, stored: IndicatorRows, label: str = "") -> Mismatches:
     """Stored values against batch TA-Lib, bit for bit (None exactly where TA-Lib gives NaN)."""
-    different = sum(1 for key in expected.keys() & stored.keys() if expected[key] != stored[key])
-    return Mismatches(len(expected.keys() - stored.keys()), len(stored.keys() - expected.keys()), different)
+    different = {key for key in expected.keys() & stored.keys() if expected[key] != stored[key]}
+    missing, extra = expected.keys() - stored.keys(), stored.keys() - expected.keys()
+    return Mismatches(len(missing), len(extra), len(different), _examples(missing, extra, different, label))
 
 
 def indicator_log_duplicates(url: str) -> int:
     """Indicator versions logged more than once (same bar and revision)."""
     return log_duplicates(url, ind_log, "symbol", "timeframe", "ts", "revision")
+
+
+def indicator_repeated_versions(url: str, examples: list[str] | None = None) -> int:
+    """Indicator versions logged twice in a row with the same revision and values."""
+    version = ("revision", *INDICATOR_NAMES)
+    return repeated_versions(url, ind_log, ("symbol", "timeframe", "ts"), version, examples)
 
 
 # --- signals ---------------------------------------------------------------------------------------
@@ -198,6 +252,31 @@ def signal_log_duplicates(url: str) -> int:
     return log_duplicates(
         url, inf_signal_log, "symbol", "timeframe", "ts", "candle_revision", "model_version"
     )
+
+
+def signal_repeated_versions(url: str, examples: list[str] | None = None) -> int:
+    """Signal versions logged twice in a row with the same candle revision, model and score."""
+    version = ("candle_revision", "model_version", "prob_up", "label")
+    return repeated_versions(url, inf_signal_log, ("symbol", "timeframe", "ts"), version, examples)
+
+
+def signal_revision_mismatches(url: str, timeframe: str = "M1") -> int:
+    """Signals made from another revision of their candle than the one the indicators hold."""
+    engine = db.create_db_engine(url)
+    try:
+        with engine.connect() as conn:
+            t = ind_values.c
+            revisions = {
+                (r.symbol, r.ts): r.revision
+                for r in conn.execute(select(t.symbol, t.ts, t.revision).where(t.timeframe == timeframe))
+            }
+            s = inf_signals.c
+            signals = conn.execute(
+                select(s.symbol, s.ts, s.candle_revision).where(s.timeframe == timeframe)
+            ).all()
+    finally:
+        engine.dispose()
+    return sum(1 for r in signals if revisions.get((r.symbol, r.ts), r.candle_revision) != r.candle_revision)
 
 
 def signal_score_mismatches(

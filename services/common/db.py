@@ -81,6 +81,23 @@ def dialect_insert(engine: Engine) -> Callable[..., Any]:
     return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
 
+def changed(items: Sequence[_T], stored: Mapping[Any, _T], key: Callable[[_T], Any]) -> list[_T]:
+    """The items that are new versions, in order.
+
+    New means different from the stored version and from the previous item of the same key in
+    ``items``: a unit of work can hold the same version twice (two revisions in a row that leave
+    a later bar unchanged), and logging it twice would send it twice to every subscriber.
+    """
+    latest = dict(stored)
+    fresh = []
+    for item in items:
+        k = key(item)
+        if latest.get(k) != item:
+            fresh.append(item)
+            latest[k] = item
+    return fresh
+
+
 def upsert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
     """Insert rows, or update every non-key column of the row with the same primary key."""
     if not rows:

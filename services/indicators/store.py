@@ -65,7 +65,7 @@ class IndicatorStore:
                     )
                 }
                 # A restart re-delivers what was already published: same bar revision, same values.
-                fresh = [v for v in work.values if stored.get((v.symbol, v.timeframe, v.ts)) != v]
+                fresh = db.changed(work.values, stored, lambda v: (v.symbol, v.timeframe, v.ts))
                 if fresh:
                     conn.execute(ind_log.insert(), [_row(v) | {"traceparent": traceparent} for v in fresh])
                     db.upsert(

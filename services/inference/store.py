@@ -68,7 +68,7 @@ class SignalStore:
                         select(t).where(tuple_(t.c.symbol, t.c.timeframe, t.c.ts).in_(keys))
                     )
                 }
-                fresh = [s for s in work.signals if stored.get((s.symbol, s.timeframe, s.ts)) != s]
+                fresh = db.changed(work.signals, stored, lambda s: (s.symbol, s.timeframe, s.ts))
                 if fresh:
                     conn.execute(
                         inf_signal_log.insert(), [_row(s) | {"traceparent": traceparent} for s in fresh]

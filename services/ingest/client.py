@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 # Codes after which re-sending is safe (the server deduplicates) and may succeed. INTERNAL is in:
 # grpc.aio reports a send on a connection that broke mid-stream (server killed) as INTERNAL
-# "Failed execute_batch"; reconnects are bounded, so a server bug still surfaces.
+# "Failed execute_batch"; consecutive failed reconnects are bounded, so a server bug still surfaces.
 RETRYABLE = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -78,11 +78,19 @@ class TickStreamer:
         unacked: collections.OrderedDict[int, pb.StreamTicksRequest] = collections.OrderedDict()
         next_sequence = first_sequence
         exhausted = False
-        window_open = asyncio.Event()
+        current = [0]  # the number of the call in progress (a cell: request generators read it)
+        failures = 0  # consecutive: reset by any acknowledgement
         while True:
+            current[0] += 1
+            # One event per call: a request generator left over from a broken call must never wake
+            # up, take the next batch and write it to the dead call (it would arrive only at the
+            # next reconnect, out of order).
+            window_open = asyncio.Event()
             window_open.set()
 
-            async def requests() -> AsyncIterator[pb.StreamTicksRequest]:
+            async def requests(
+                mine: int = current[0], window_open: asyncio.Event = window_open
+            ) -> AsyncIterator[pb.StreamTicksRequest]:
                 nonlocal next_sequence, exhausted
                 for request in list(unacked.values()):  # re-send what was never acknowledged
                     yield request
@@ -90,6 +98,8 @@ class TickStreamer:
                     while len(unacked) >= self._window:
                         window_open.clear()
                         await window_open.wait()
+                    if mine != current[0]:
+                        return
                     ticks = next(source, None)
                     if ticks is None:
                         exhausted = True
@@ -106,6 +116,7 @@ class TickStreamer:
                     call = pb_grpc.IngestServiceStub(channel).StreamTicks(requests(), metadata=self._metadata)
                     async for ack in call:
                         unacked.pop(ack.sequence, None)
+                        failures = 0
                         window_open.set()
                         report.batches_acked += 1
                         report.ticks_stored += ack.stored
@@ -114,10 +125,11 @@ class TickStreamer:
                 if exhausted and not unacked:
                     return report
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE or report.reconnects >= self._max_reconnects:
+                if exc.code() not in RETRYABLE or failures >= self._max_reconnects:
                     raise
+                failures += 1
                 report.reconnects += 1
                 logger.warning(
                     "stream broke (%s); re-sending %d unacknowledged batches", exc.code().name, len(unacked)
                 )
-                await asyncio.sleep(min(self._backoff * 2 ** min(report.reconnects, 6), 5.0))
+                await asyncio.sleep(min(self._backoff * 2 ** min(failures, 6), 5.0))
