@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install gen proto-deps k8s-sync k8s-render run bench-aggregator bench-indicators bench-tracing proving-ground test test-unit test-integration test-e2e lint format migrate bench-ingest clean
+.PHONY: install gen proto-deps k8s-sync k8s-render run bench-aggregator bench-indicators bench-inference bench-tracing proving-ground test test-unit test-integration test-e2e lint format migrate bench-ingest clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -75,6 +75,9 @@ bench-aggregator: $(STAMP)
 
 bench-indicators: $(STAMP)
 	$(PY) -m bench.indicators_bench
+
+bench-inference: $(STAMP)
+	$(PY) -m bench.inference_bench
 
 bench-tracing: $(STAMP)
 	$(PY) -m bench.tracing_bench

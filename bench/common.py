@@ -1,7 +1,8 @@
-"""What the benchmarks share: process probes, the quiet-machine policy, machine facts, database helpers.
+"""What the benchmarks share: process probes, the quiet-machine policy, machine facts, latency figures,
+metric scrapes, database helpers.
 
-Used by ``bench.ingest_bench`` and ``bench.aggregator_bench``. Everything here reads ``/proc`` (Linux)
-and talks to the local PostgreSQL server that ``tests.helpers`` uses.
+Used by every ``bench.*_bench``. Everything here reads ``/proc`` (Linux) and talks to the local
+PostgreSQL server that ``tests.helpers`` uses.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ import resource
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
+import numpy as np
+import numpy.typing as npt
 import psycopg
 
 from services.common import db
@@ -179,6 +183,42 @@ class RssSampler:
             "vm_hwm_mb": round(self.hwm_kb / 1024, 1),
             "samples": self.samples,
         }
+
+
+# --- figures ---------------------------------------------------------------------------------------
+
+
+def stats_ms(seconds: Sequence[float] | npt.NDArray[np.float64]) -> dict[str, float]:
+    """Nearest-rank percentiles of durations given in seconds, in milliseconds."""
+    a = np.asarray(seconds, dtype=np.float64)
+    if len(a) == 0:
+        return {"count": 0}
+    q = np.percentile(a, [50, 90, 99], method="inverted_cdf") * 1000
+    return {
+        "count": len(a),
+        "min": round(float(a.min()) * 1000, 3),
+        "p50": round(float(q[0]), 3),
+        "p90": round(float(q[1]), 3),
+        "p99": round(float(q[2]), 3),
+        "max": round(float(a.max()) * 1000, 3),
+        "mean": round(float(a.mean()) * 1000, 3),
+    }
+
+
+def scrape(port: int, prefixes: Sequence[str]) -> dict[str, float]:
+    """Samples of a service's /metrics whose names start with one of ``prefixes``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(tuple(prefixes)):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def metric_delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
 
 
 # --- database --------------------------------------------------------------------------------------

@@ -49,7 +49,6 @@ import shutil
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -73,8 +72,11 @@ from bench.common import (
     CpuMeter,
     ScenarioFailed,
     machine_info,
+    metric_delta,
     plain_url,
     postgres_pids,
+    scrape,
+    stats_ms,
     step,
     wait_for_quiet,
     write_report,
@@ -251,23 +253,6 @@ def stats_us(values_ns: Sequence[int] | npt.NDArray[np.int64]) -> dict[str, floa
         "p99": round(float(q[2]), 2),
         "p99_9": round(float(q[3]), 2),
         "max": round(float(a.max()), 1),
-    }
-
-
-def stats_ms(seconds: Sequence[float] | npt.NDArray[np.float64]) -> dict[str, float]:
-    """Nearest-rank percentiles of durations given in seconds, in milliseconds."""
-    a = np.asarray(seconds, dtype=np.float64)
-    if len(a) == 0:
-        return {"count": 0}
-    q = np.percentile(a, [50, 90, 99], method="inverted_cdf") * 1000
-    return {
-        "count": len(a),
-        "min": round(float(a.min()) * 1000, 3),
-        "p50": round(float(q[0]), 3),
-        "p90": round(float(q[1]), 3),
-        "p99": round(float(q[2]), 3),
-        "max": round(float(a.max()) * 1000, 3),
-        "mean": round(float(a.mean()) * 1000, 3),
     }
 
 
@@ -928,22 +913,6 @@ def autovacuum_events(url: str, start: float, end: float) -> list[tuple[str, str
             if at is not None and start <= float(at) - offset <= end:
                 events.append((str(name), kind, round(float(at) - offset - start, 2)))
     return sorted(events, key=lambda e: e[2])
-
-
-def scrape(port: int, prefixes: Sequence[str]) -> dict[str, float]:
-    """Samples of a service's /metrics whose names start with one of ``prefixes``."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith(tuple(prefixes)):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
-
-
-def metric_delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
-    return after.get(name, 0.0) - before.get(name, 0.0)
 
 
 def verify_values(candles: Sequence[Arrival], values: Sequence[Arrival]) -> dict[str, Any]:

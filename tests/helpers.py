@@ -94,6 +94,43 @@ def grpc_status(address: str, timeout: float = 1.0) -> int | None:
     return int(reply.status)
 
 
+def libpq_url(database_url: str) -> str:
+    """A SQLAlchemy PostgreSQL URL as psycopg/libpq takes it."""
+    return database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+@contextlib.contextmanager
+def table_locked(database_url: str, table: str) -> Iterator[Callable[[], None]]:
+    """Stall every reader and writer of ``table`` (ACCESS EXCLUSIVE in an open transaction).
+
+    Yields the function that releases the lock before the block ends.
+    """
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                conn.rollback()
+                released = True
+
+        try:
+            yield release
+        finally:
+            release()
+
+
+def lock_waiters(database_url: str) -> int:
+    """Statements of this database waiting for a lock (the holder of ``table_locked`` never waits)."""
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def wait_until(
     predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
 ) -> None:
@@ -168,6 +205,7 @@ def service_env(
             "PYTHONUNBUFFERED": "1",  # a SIGKILLed service still leaves its last log lines
             "MT5MESH_HEALTH_PROBE_SECONDS": "0.2",
             "MT5MESH_SHUTDOWN_GRACE_SECONDS": "2",
+            "MT5MESH_DRAIN_SECONDS": "0",  # tests that drain say so
         }
     )
     env.update(extra or {})

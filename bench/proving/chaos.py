@@ -36,9 +36,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
-import fcntl
 import glob
-import json
 import logging
 import os
 import pathlib
@@ -64,6 +62,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mt5.market.v1 import market_pb2
 
 from bench.common import machine_info, plain_url
+from bench.proving import RESULTS, save_results
 from services.common.market import Timeframe
 from services.ingest.client import StreamReport, TickStreamer
 from tests import helpers
@@ -86,7 +85,6 @@ from tests.pipeline_checks import (
 
 logger = logging.getLogger(__name__)
 
-RESULTS = helpers.REPO / "bench" / "results" / "proving_ground.json"
 KEY = "crash_and_resume"
 TARGETS = ("ingest", "aggregator", "indicators", "inference", "envoy")
 SYMBOLS = ("EURUSD", "GBPUSD", "USDJPY", "AUDUSD")
@@ -1143,27 +1141,6 @@ def _fresh(directory: pathlib.Path) -> pathlib.Path:
     return directory
 
 
-def update_results(path: pathlib.Path, key: str, section: Mapping[str, Any]) -> None:
-    """Replace ``key`` of a results file shared with other parts, keeping every other key.
-
-    The parts lock the folder, ``.proving_ground.lock`` or both while they read, modify and rename
-    the file; this holds both, always the folder first.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
-        with (path.parent / ".proving_ground.lock").open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            current: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-            current[key] = section
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(current, indent=2, default=str) + "\n")
-            tmp.replace(path)
-    finally:
-        os.close(folder)
-
-
 def summary(section: Mapping[str, Any]) -> list[str]:
     """A few lines per run, for the log."""
     lines = []
@@ -1251,7 +1228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="mt5mesh-chaos-"))
     section = asyncio.run(run_all(plan, [args.only] if args.only else RUNS, restart_plan, workdir))
     output = args.output or (QUICK_OUTPUT if args.quick else RESULTS)
-    update_results(output, KEY, section)
+    save_results(KEY, section, output)
     for line in summary(section):
         logger.info("%s", line)
     logger.info("results under %r in %s", KEY, output)

@@ -8,9 +8,20 @@ open, highest high, lowest low, last close, summed volume, spread as a tick-weig
 by averaging values across timeframes.
 
 Lifecycle. A bar is *forming* until the symbol's horizon passes its end, then *final*. The horizon
-is the later of the latest tick time minus the allowed lateness and the wall clock minus a grace
-period (quiet markets). A tick arriving after its bar is final, within the retention window, revises
-the bar (``revision`` + 1) and every final bar above it; an older one is counted and dropped.
+is the later of the *tick horizon* — the latest tick time minus the allowed lateness — and, while
+the market is quiet (no tick has arrived for a grace period), the wall clock minus that grace. A
+tick arriving for a final bar revises it (``revision`` + 1) and every final bar above it, whether
+the tick horizon or the clock closed it, as long as the bar ends within the retention window
+before the tick horizon; an older tick is counted and dropped.
+
+Only tick times judge a tick: lateness and retention are measured against the tick horizon, never
+against the wall clock. Tick times and wall time are different clocks — a replay of old ticks, a
+broker whose server time is not UTC — so the clock may close the bars of a quiet market, but it
+never makes a tick too old to apply. When ticks arrive again the clock's horizon is withdrawn: a
+feed that resumes after a pause (or after a restart) goes on where it stopped, and whatever the
+clock closed meanwhile is revised by the ticks that belong to it. For the same reason bars leave
+memory by the tick horizon's retention window (the wall clock's only for a symbol without ticks),
+which is also what a restart restores.
 
 EA candles (the broker's bars) take precedence over computed bars of the same key, are final as
 posted, and roll up like any other bar; a changed re-post is a revision. When an EA bar and the bar
@@ -249,6 +260,20 @@ class SymbolBars:
             candidates.append(self.clock_us - self._grace)
         return max(candidates) if candidates else None
 
+    @property
+    def retention_edge_us(self) -> int | None:
+        """Final bars ending before this are no longer revisable: dropped from memory, their ticks too.
+
+        Measured from the tick horizon; from the clock's only for a symbol that has had no tick.
+        """
+        if self.latest_tick_us is not None:
+            base = self.latest_tick_us - self._lateness
+        elif self.clock_us is not None:
+            base = self.clock_us - self._grace
+        else:
+            return None
+        return base - self._retention
+
     # --- inputs ---------------------------------------------------------------------------------
 
     def add_ticks(
@@ -264,6 +289,10 @@ class SymbolBars:
             return Emitted()
         if arrival_us is not None:
             self.last_arrival_us = arrival_us
+        # Ticks again: the market is not quiet. The clock's horizon is withdrawn and tick times alone
+        # move the horizon, so a feed resuming after a pause goes on where it stopped; bars the clock
+        # closed meanwhile stay final, and ticks for them revise them.
+        self.clock_us = None
         mid = (bid + ask) / 2
         spread = ask - bid
         contribution = np.where(volume > 0, volume, 1.0)
@@ -275,11 +304,14 @@ class SymbolBars:
         before[0] = self.latest_tick_us if self.latest_tick_us is not None else -(2**62)
         before[1:] = np.maximum(running[:-1], before[0])
         horizon = before - self._lateness
-        if self.clock_us is not None:
-            horizon = np.maximum(horizon, self.clock_us - self._grace)
-        late = bucket + M1_US <= horizon
+        end = bucket + M1_US
+        # Too old: before the retention window at the tick's arrival, or before bars already dropped
+        # from memory (a symbol's first ticks after the clock pruned its EA bars).
+        dropped = end < np.maximum(horizon - self._retention, self._pruned_below)
+        late = (end <= horizon) & ~dropped
+        self.late_dropped += int(np.count_nonzero(dropped))
         dirty: set[tuple[Timeframe, int]] = set()
-        on_time = np.flatnonzero(~late)
+        on_time = np.flatnonzero(~late & ~dropped)
         if len(on_time):
             self._merge_on_time(on_time, ts_us, bucket, mid, spread, contribution, dirty)
         self.latest_tick_us = (
@@ -294,7 +326,6 @@ class SymbolBars:
                     float(mid[i]),
                     float(spread[i]),
                     float(contribution[i]),
-                    int(horizon[i]),
                 )
             )
         self._prune()
@@ -323,7 +354,8 @@ class SymbolBars:
         """The wall clock: bars of a quiet market become final after their end plus the grace.
 
         The symbol is quiet when no tick has arrived for the grace period. While ticks keep coming
-        (a live market, or a backfill of old ticks) only their own times move the horizon.
+        (a live market, or a backfill of old ticks) only their own times move the horizon, and the
+        next tick after a quiet spell withdraws the clock's horizon again (see ``add_ticks``).
         """
         if self.last_arrival_us is not None and now_us - self.last_arrival_us < self._grace:
             return Emitted()
@@ -377,12 +409,7 @@ class SymbolBars:
                 slot.computed.merge(part)
             dirty.add((Timeframe.M1, start))
 
-    def _late_tick(
-        self, ts_us: int, bucket: int, mid: float, spread: float, contribution: float, horizon: int
-    ) -> Emitted:
-        if bucket + M1_US < horizon - self._retention:
-            self.late_dropped += 1
-            return Emitted()
+    def _late_tick(self, ts_us: int, bucket: int, mid: float, spread: float, contribution: float) -> Emitted:
         slot = self.slots[Timeframe.M1].get(bucket) or self._slot(Timeframe.M1, bucket, bucket + M1_US)
         part = Values(mid, mid, mid, mid, contribution, spread, 1, 1, ts_us, ts_us)
         if slot.computed is None:
@@ -479,10 +506,18 @@ class SymbolBars:
             effective.copy(),
         )
 
-    def restore(self, bars: Iterable[Bar], latest_tick_us: int | None, last_cursor: int) -> None:
+    def restore(
+        self,
+        bars: Iterable[Bar],
+        latest_tick_us: int | None,
+        last_cursor: int,
+        restored_us: int | None = None,
+    ) -> None:
         """Rebuild the live bars from their stored versions (after a restart).
 
         ``bars`` must hold, for every restored bar of a higher timeframe, all its stored children.
+        ``restored_us`` (wall time) counts as the last arrival: a restart is no quiet spell, so the
+        clock waits a full grace period before it closes anything.
         """
         for bar in sorted(bars, key=lambda b: (ORDER.index(b.timeframe), b.ts)):
             assert bar.state is not None, "a stored bar carries its accumulator"
@@ -506,6 +541,8 @@ class SymbolBars:
                 }
         self.latest_tick_us = latest_tick_us
         self.last_cursor = last_cursor
+        if restored_us is not None:
+            self.last_arrival_us = restored_us
         self._prune()
 
     def is_live(self, timeframe: Timeframe, start_us: int) -> bool:
@@ -555,10 +592,9 @@ class SymbolBars:
         ]
 
     def _prune(self) -> None:
-        horizon = self.horizon_us
-        if horizon is None:
+        oldest = self.retention_edge_us
+        if oldest is None:
             return
-        oldest = horizon - self._retention
         if oldest // M1_US <= self._pruned_below // M1_US:
             return  # prune once per minute of horizon: keeping a bar a little longer is harmless
         self._pruned_below = oldest
@@ -635,9 +671,18 @@ class Aggregator:
         """Bring stored, no longer live bars back (see ``SymbolBars.adopt``)."""
         self._of(symbol).adopt(bars)
 
-    def restore(self, symbol: str, bars: Iterable[Bar], latest_tick_us: int | None, last_cursor: int) -> None:
+    def restore(
+        self,
+        symbol: str,
+        bars: Iterable[Bar],
+        latest_tick_us: int | None,
+        last_cursor: int,
+        restored: dt.datetime | None = None,
+    ) -> None:
         """Rebuild one symbol's live bars from stored versions (see ``SymbolBars.restore``)."""
-        self._of(symbol).restore(bars, latest_tick_us, last_cursor)
+        self._of(symbol).restore(
+            bars, latest_tick_us, last_cursor, None if restored is None else to_us(restored)
+        )
 
     @property
     def late_dropped(self) -> int:

@@ -26,6 +26,7 @@ class AggregatorConfig:
     max_pending_bars: int
     max_subscribers: int
     forming_queue: int
+    forming_max_delay: float
     feed_page_size: int
     feed_poll_seconds: float
     shard_count: int
@@ -56,8 +57,12 @@ class AggregatorConfig:
             # Past this many uncommitted bar versions, reading input pauses until a commit ends.
             max_pending_bars=envreader.get_int(env, "AGGREGATOR_MAX_PENDING_BARS", 50_000, minimum=1),
             max_subscribers=envreader.get_int(env, "AGGREGATOR_MAX_SUBSCRIBERS", 32, minimum=1),
-            # Forming updates a subscriber may have unread before it is cut off (RESOURCE_EXHAUSTED).
+            # Series with an unread forming update a subscriber may have before it is cut off.
             forming_queue=envreader.get_int(env, "AGGREGATOR_FORMING_QUEUE", 10_000, minimum=1),
+            # Seconds its oldest unread forming update may wait before it is cut off.
+            forming_max_delay=envreader.get_float(
+                env, "AGGREGATOR_FORMING_MAX_DELAY_SECONDS", 5.0, minimum=0.01
+            ),
             feed_page_size=envreader.get_int(env, "AGGREGATOR_FEED_PAGE_SIZE", 1000, minimum=1),
             feed_poll_seconds=envreader.get_float(env, "AGGREGATOR_FEED_POLL_SECONDS", 1.0, minimum=0.01),
             shard_count=count,

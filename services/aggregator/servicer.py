@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,9 +10,10 @@ from mt5.aggregator.v1 import aggregator_service_pb2_grpc as pb_grpc
 
 from services.aggregator import convert
 from services.aggregator.stage import AggregationStage
-from services.common.errors import abort_invalid
+from services.common import db, protoconv
+from services.common.errors import abort_if_any, abort_invalid
 from services.common.feed import SubscriberSlots
-from services.common.live import SubscriberTooSlow
+from services.common.live import CutOff, SubscriberTooSlow
 from services.common.market import SYMBOL_PATTERN, Timeframe, shard_of
 from services.common.validation import FieldViolation
 
@@ -32,6 +32,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         self, request: pb.SubscribeCandlesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SubscribeCandlesResponse]:
         """Final bars after the cursor (stored, then live), with forming bars when asked."""
+        await abort_if_any(context, protoconv.subscription_violations(request.from_cursor, request.symbols))
         try:
             timeframes = [Timeframe(v) for v in request.timeframes]
         except ValueError:
@@ -44,6 +45,7 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
         with self._slots.take() as admitted:
             if not admitted:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many subscribers; retry later")
+            cut_off = CutOff(context)
             try:
                 async for cursor, bar, traceparent in self._stage.candles(
                     request.from_cursor,
@@ -51,20 +53,19 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
                     timeframes,
                     request.include_forming,
                     lambda symbol: shard_of(symbol, count) == index if count > 1 else True,
+                    cut_off,
                 ):
                     yield pb.SubscribeCandlesResponse(
                         cursor=cursor, bar=convert.bar_to_pb(bar), traceparent=traceparent or ""
                     )
             except SubscriberTooSlow:
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    "subscriber fell too far behind; resume from your last cursor",
-                )
+                await cut_off.finish()
 
     async def GetCandles(
         self, request: pb.GetCandlesRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetCandlesResponse:
         """Stored bars of one symbol and timeframe in a time range, oldest first."""
+        await abort_if_any(context, protoconv.timestamp_violations(request, "from", "to"))
         violations = []
         if not SYMBOL_PATTERN.fullmatch(request.symbol):
             violations.append(FieldViolation("symbol", "must be 1 to 32 letters, digits or ._-#"))
@@ -79,7 +80,8 @@ class AggregatorServicer(pb_grpc.AggregatorServiceServicer):
             violations.append(FieldViolation("to", "must be after from"))
         if violations:
             await abort_invalid(context, violations)
-        bars = await asyncio.to_thread(
+        bars = await db.read(
+            context.time_remaining(),
             self._stage.candles_stored,
             request.symbol,
             Timeframe(request.timeframe),

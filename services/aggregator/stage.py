@@ -29,7 +29,7 @@ from services.aggregator.store import CANDLES_FEED, TICKS_FEED, AggregatorStore,
 from services.common import db, telemetry
 from services.common import metrics as common_metrics
 from services.common.feed import CommitSignal
-from services.common.live import FeedItem, LiveFanout, live_feed, series_filter
+from services.common.live import FeedItem, LiveFanout, LiveLimits, live_feed, series_filter, series_key
 from services.common.market import Candle, Timeframe, shard_of, to_us
 from services.common.protoconv import to_datetime
 
@@ -66,9 +66,9 @@ class AggregationStage:
         self._cursors = {TICKS_FEED: 0, CANDLES_FEED: 0}
         # Whether the tick feed last said it is caught up: the wall clock may close the bars of a
         # quiet market only then. A backlog (after a restart, or while the aggregator is slow) is
-        # not a quiet market, and closing its bars early would make its ticks "late" and drop them.
+        # not a quiet market: closing its bars early would only make its ticks revise them.
         self._ticks_at_head = False
-        self.forming = LiveFanout[Bar](config.forming_queue)
+        self.forming = LiveFanout[Bar](LiveLimits(config.forming_queue, config.forming_max_delay), series_key)
 
     # --- start ----------------------------------------------------------------------------------
 
@@ -82,8 +82,9 @@ class AggregationStage:
             settings.lateness,
             lambda symbol: shard_of(symbol, count) == index,
         )
+        restored = self._now()
         for state in states:
-            self.core.restore(state.symbol, state.bars, state.latest_tick_us, state.last_cursor)
+            self.core.restore(state.symbol, state.bars, state.latest_tick_us, state.last_cursor, restored)
         stored = await asyncio.to_thread(self._store.cursors)
         for feed, key in self._feed_keys.items():
             # A new shard layout starts from the oldest cursor any earlier layout reached: every
@@ -280,10 +281,12 @@ class AggregationStage:
         timeframes: Sequence[Timeframe],
         include_forming: bool,
         owns: Callable[[str], bool] = lambda _symbol: True,
+        on_overflow: Callable[[], None] = lambda: None,
     ) -> AsyncIterator[FeedItem[Bar]]:
         """Final bar versions after ``cursor`` (stored, then live), with forming bars when asked.
 
-        Raises ``SubscriberTooSlow`` when the subscriber's queue of forming bars overflowed.
+        A subscriber that falls behind on forming bars gets ``on_overflow`` called by the publisher,
+        then ``SubscriberTooSlow`` raised (``services.common.live``).
         """
 
         async def read(after: int, limit: int) -> list[LoggedBar]:
@@ -300,6 +303,7 @@ class AggregationStage:
             wants=series_filter(symbols, timeframes, owns),
             current=lambda: self.core.forming(symbols or None),
             feed=metrics.CANDLES_FEED,
+            on_overflow=on_overflow,
         )
 
     def candles_stored(

@@ -217,7 +217,7 @@ class AggregatorStore:
             conditions.append(c.ts >= start)
         if end is not None:
             conditions.append(c.ts < end)
-        with self._engine.connect() as conn:
+        with db.reading(self._engine) as conn:  # bounded by the caller's deadline (db.read)
             rows = conn.execute(select(agg_candles).where(and_(*conditions)).order_by(c.ts).limit(limit))
             return [_bar(r) for r in rows]
 

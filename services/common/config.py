@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from services.common import env as envreader
 
 DEFAULT_DATABASE_URL = "sqlite:///data/mt5mesh.db"
+# Concurrent streams a service accepts per HTTP/2 connection (MT5MESH_MAX_STREAMS).
+MAX_STREAMS = 100
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -21,6 +23,7 @@ class RuntimeConfig:
     api_keys: tuple[str, ...]
     log_level: str
     shutdown_grace_seconds: float
+    drain_seconds: float
     max_message_bytes: int
     max_concurrent_streams: int
     health_probe_seconds: float
@@ -48,10 +51,15 @@ class RuntimeConfig:
             api_keys=keys,
             log_level=envreader.get_str(env, "LOG_LEVEL", "INFO").upper(),
             shutdown_grace_seconds=envreader.get_float(env, "MT5MESH_SHUTDOWN_GRACE_SECONDS", 10.0),
+            # After SIGTERM: seconds of NOT_SERVING while still serving, so that load balancers
+            # (Envoy checks health every 2 s, two misses) stop sending calls before the server stops.
+            drain_seconds=envreader.get_float(env, "MT5MESH_DRAIN_SECONDS", 5.0),
             max_message_bytes=envreader.get_int(
                 env, "MT5MESH_MAX_MESSAGE_BYTES", 8 * 1024 * 1024, minimum=1024
             ),
-            max_concurrent_streams=envreader.get_int(env, "MT5MESH_MAX_STREAMS", 64, minimum=1),
+            # Streams per HTTP/2 connection; Envoy's clusters use the same number (envoy/envoy.yaml), so
+            # that past it Envoy opens another connection instead of having streams refused.
+            max_concurrent_streams=envreader.get_int(env, "MT5MESH_MAX_STREAMS", MAX_STREAMS, minimum=1),
             health_probe_seconds=envreader.get_float(env, "MT5MESH_HEALTH_PROBE_SECONDS", 2.0, minimum=0.05),
             otlp_endpoint=envreader.get_str(env, "OTEL_EXPORTER_OTLP_ENDPOINT", ""),
         )

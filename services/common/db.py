@@ -1,13 +1,25 @@
-"""Database engines and migrations: SQLite (WAL) embedded by default, PostgreSQL in production."""
+"""Database engines and migrations: SQLite (WAL) embedded by default, PostgreSQL in production.
+
+Also the bounds that keep a caller's deadline meaningful in the database: statement timeouts from
+the remaining deadline, interruption of work whose callers have gone, and threads of its own for
+blocking reads.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
+import dataclasses
+import functools
 import logging
 import pathlib
+import sqlite3
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import alembic.command
 import alembic.config
@@ -19,11 +31,21 @@ from services.common import telemetry
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 MIGRATIONS = pathlib.Path(__file__).with_name("migrations")
 # Any constant works; it only has to be the same in every process that migrates or writes.
 MIGRATION_LOCK_KEY = 0x6D7435_6D6967
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# A statement bounded by a caller's deadline gives up this long after it: gRPC answers
+# DEADLINE_EXCEEDED itself at the deadline, and the database error never races that answer.
+DEADLINE_GRACE_SECONDS = 0.05
+# Threads for blocking reads: more than the commit path needs (one writer), fewer than an engine's
+# connections (pool_size 5 + overflow 5), so reads never starve the writer of a connection.
+READ_THREADS = 8
+# How often a cancel request is repeated until the interrupted work has ended: a request that
+# reaches PostgreSQL between two statements is dropped by the server.
+INTERRUPT_REPEAT_SECONDS = 0.1
 
 
 def is_sqlite(engine: Engine) -> bool:
@@ -108,18 +130,222 @@ def upsert(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) ->
     conn.execute(stmt.on_conflict_do_update(index_elements=keys, set_=updates), list(rows))
 
 
+class Interrupted(RuntimeError):
+    """The work was interrupted because everyone who asked for it has gone."""
+
+
+class Interrupt:
+    """Stops, from another thread, the transaction of the connection it is attached to.
+
+    A blocking call in a worker thread outlives the coroutine that awaited it: cancelling that
+    coroutine (deadline, disconnect) leaves the thread waiting in the database. ``request()``
+    cancels the running statement (PostgreSQL cancel request, SQLite ``interrupt()``) and makes
+    every later ``check()`` raise, so that the transaction rolls back instead of committing.
+    ``request()`` blocks for a round trip to the server: call it off the event loop.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._raw: Any = None
+        self._requested = False
+
+    @property
+    def requested(self) -> bool:
+        """True once ``request()`` was called."""
+        return self._requested
+
+    def check(self) -> None:
+        """Raise ``Interrupted`` if an interruption was requested."""
+        if self._requested:
+            raise Interrupted("interrupted: every caller has gone")
+
+    @contextlib.contextmanager
+    def attached(self, conn: Connection) -> Iterator[None]:
+        """Make ``request()`` cancel what ``conn`` runs, until the block ends."""
+        raw = conn.connection.driver_connection
+        with self._lock:
+            self.check()
+            self._raw = raw
+        try:
+            yield
+        finally:
+            # Under the lock: a cancel request in flight completes before the connection can be
+            # reused, so it never hits someone else's statement.
+            with self._lock:
+                self._raw = None
+
+    def request(self) -> None:
+        """Cancel the running statement, if any, and fail every later ``check()``."""
+        with self._lock:
+            self._requested = True
+            raw = self._raw
+            if raw is None:
+                return
+            try:
+                if isinstance(raw, sqlite3.Connection):
+                    raw.interrupt()
+                else:
+                    raw.cancel_safe(timeout=5.0)
+            except Exception:  # a lost cancel is repeated, and the statement is bounded anyway
+                logger.debug("cancel request failed", exc_info=True)
+
+
+async def interrupt_until_done(interrupt: Interrupt, work: asyncio.Future[Any]) -> None:
+    """Interrupt ``work`` (a blocking call in a thread) and wait until its thread has returned.
+
+    The cancel request is repeated: one that reaches PostgreSQL between two statements is dropped,
+    and the next statement would wait again.
+    """
+    loop = asyncio.get_running_loop()
+    while not work.done():
+        await loop.run_in_executor(_interrupt_executor(), interrupt.request)
+        await asyncio.wait({work}, timeout=INTERRUPT_REPEAT_SECONDS)
+
+
+def _deadline_ms(timeout: float) -> int:
+    """A statement bound in milliseconds for ``timeout`` seconds left to a caller, with grace."""
+    return max(1, round((max(timeout, 0.0) + DEADLINE_GRACE_SECONDS) * 1000))
+
+
+def _bound_statements(conn: Connection, timeout: float | None) -> None:
+    """PostgreSQL: every statement of the current transaction gives up after ``timeout`` (+ grace)."""
+    if timeout is not None and conn.dialect.name == "postgresql":
+        conn.execute(
+            text("SELECT set_config('statement_timeout', :ms, true)"), {"ms": str(_deadline_ms(timeout))}
+        )
+
+
 @contextlib.contextmanager
-def write_transaction(engine: Engine, lock_key: int) -> Iterator[Connection]:
+def _sqlite_busy_bound(conn: Connection, timeout: float | None) -> Iterator[None]:
+    """SQLite: wait for the write lock no longer than ``timeout`` (+ grace), then restore the default.
+
+    SQLite has no statement timeout, and ``interrupt()`` does not end a wait for a lock; the busy
+    timeout is the only bound on that wait.
+    """
+    if timeout is None or not is_sqlite(conn.engine):
+        yield
+        return
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    raw.execute(f"PRAGMA busy_timeout={min(_deadline_ms(timeout), SQLITE_BUSY_TIMEOUT_MS)}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+
+
+@contextlib.contextmanager
+def write_transaction(
+    engine: Engine, lock_key: int, *, timeout: float | None = None, interrupt: Interrupt | None = None
+) -> Iterator[Connection]:
     """A write transaction, serialized with every other writer holding ``lock_key``.
 
     Serializing a table's writers makes its auto-increment ids grow in commit order, which is
     what lets them serve as feed cursors. SQLite writers are serialized by ``BEGIN IMMEDIATE``;
     on PostgreSQL a transaction-scoped advisory lock does it across processes and replicas.
+
+    ``timeout`` (seconds, the latest deadline of the callers) bounds each statement on PostgreSQL
+    and the wait for the write lock on SQLite. ``interrupt`` lets the event loop stop the
+    transaction when its callers have gone: it rolls back unless its COMMIT had already begun.
     """
-    with writer(engine).begin() as conn:
+    with (
+        writer(engine).connect() as conn,
+        _sqlite_busy_bound(conn, timeout),
+        interrupt.attached(conn) if interrupt else contextlib.nullcontext(),
+        conn.begin(),
+    ):
+        _bound_statements(conn, timeout)
         if engine.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key})
+        if interrupt:
+            interrupt.check()
         yield conn
+        if interrupt:
+            interrupt.check()  # the last chance to roll back: nothing runs between this and COMMIT
+
+
+# --- bounded reads -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _ReadBound:
+    deadline: float | None  # time.monotonic() at which the caller gives up; None: no deadline
+    interrupt: Interrupt
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+# Set by read() in the context its worker thread runs in; read by reading() in the stores.
+_read_bound: contextvars.ContextVar[_ReadBound | None] = contextvars.ContextVar("read_bound", default=None)
+_interrupting: set[asyncio.Task[None]] = set()
+
+
+@functools.cache
+def read_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's threads for blocking reads, apart from asyncio's default executor.
+
+    Commits, the readiness probe and everything else run by ``asyncio.to_thread`` stay on the
+    default executor, so reads stalled in the database cannot queue them.
+    """
+    return concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="db-read")
+
+
+@functools.cache
+def _interrupt_executor() -> concurrent.futures.ThreadPoolExecutor:
+    # Its own threads: cancelling must not wait behind the very work it cancels.
+    return concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="db-interrupt")
+
+
+async def read(
+    time_remaining: float | None, func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+) -> _T:
+    """Run a blocking read in the read executor, bounded by its caller's deadline.
+
+    ``time_remaining`` is what the caller has left in seconds (``context.time_remaining()``;
+    None: no deadline).
+    Statements of the connections ``func`` opens with ``reading()`` give up just after that
+    deadline; if the caller goes away earlier (cancelled, disconnected) they are interrupted.
+    Either way the thread and its connection come back instead of waiting in the database.
+    """
+    deadline = None if time_remaining is None else time.monotonic() + time_remaining
+    bound = _ReadBound(deadline, Interrupt())
+    context = contextvars.copy_context()
+    context.run(_read_bound.set, bound)
+    submitted = read_executor().submit(context.run, functools.partial(func, *args, **kwargs))
+    work = asyncio.wrap_future(submitted)
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        submitted.cancel()  # not started yet: it never will
+        if not work.done():
+            task = asyncio.create_task(_interrupt_read(bound.interrupt, work))
+            _interrupting.add(task)
+            task.add_done_callback(_interrupting.discard)
+        raise
+
+
+async def _interrupt_read(interrupt: Interrupt, work: asyncio.Future[Any]) -> None:
+    await interrupt_until_done(interrupt, work)
+    if not work.cancelled() and work.exception() is not None:
+        logger.debug("interrupted read ended: %s", work.exception())
+
+
+@contextlib.contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """A connection for one read, bounded by the deadline of the ``read()`` that runs it.
+
+    Outside ``read()`` it is a plain ``engine.connect()``.
+    """
+    bound = _read_bound.get()
+    with engine.connect() as conn:
+        if bound is None:
+            yield conn
+            return
+        with bound.interrupt.attached(conn):
+            _bound_statements(conn, bound.remaining())
+            yield conn
 
 
 def page_after(

@@ -244,7 +244,7 @@ REGISTRY.register(DATA_AGE)
 
 FEED_SLOW_SUBSCRIBERS = Counter(
     "mt5_feed_slow_subscribers_total",
-    "Subscribers cut off with RESOURCE_EXHAUSTED because their queue of live updates overflowed.",
+    "Subscribers cut off with RESOURCE_EXHAUSTED because they fell behind on live updates.",
     ["feed"],
 )
 

@@ -22,10 +22,15 @@ from sqlalchemy import Engine
 from services.common import db, telemetry
 from services.common.auth import ApiKeyInterceptor
 from services.common.config import RuntimeConfig
+from services.common.errors import RequestGuardInterceptor
 
 logger = logging.getLogger(__name__)
 
 Probe = Callable[[], Awaitable[bool]]
+# Above Envoy's max_request_headers_kb (32): a request head Envoy lets through, which it forwards
+# with headers of its own (x-envoy-original-path repeats a long URL), must reach the service and
+# get its 401/400 rather than RESOURCE_EXHAUSTED (HTTP 429). gRPC's defaults are 8 KiB / 16 KiB.
+MAX_METADATA_BYTES = 96 * 1024
 
 
 class ServiceHost:
@@ -46,6 +51,7 @@ class ServiceHost:
         interceptors = [
             *telemetry.server_interceptors(bool(config.otlp_endpoint)),
             ApiKeyInterceptor(config.api_keys, open_methods),
+            RequestGuardInterceptor(),
         ]
         self.server = grpc.aio.server(
             interceptors=interceptors,
@@ -56,12 +62,15 @@ class ServiceHost:
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.so_reuseport", 0),
+                ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+                ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES + 16 * 1024),
             ],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0
         self._serving: tuple[bool, bool] | None = None  # ("" status, named service status)
         self._stopping = asyncio.Event()
+        self._hurry = asyncio.Event()  # a second SIGTERM/SIGINT: stop without the drain period
 
     async def start(self) -> int:
         """Bind and start the server, NOT_SERVING until told otherwise; return the bound port."""
@@ -109,7 +118,9 @@ class ServiceHost:
         return self._serving is not None and self._serving[1]
 
     def request_stop(self) -> None:
-        """Begin a graceful stop (what SIGTERM does)."""
+        """Begin a graceful stop (what SIGTERM does); a second request skips the drain period."""
+        if self._stopping.is_set():
+            self._hurry.set()
         self._stopping.set()
 
     async def run(
@@ -129,20 +140,45 @@ class ServiceHost:
         await self.start()
         monitor: asyncio.Task[None] | None = None
         try:
-            await warmup()
-            monitor = asyncio.create_task(self._track_readiness(ready, service_ready), name="readiness")
-            await self._stopping.wait()
+            if await self._warmed_up(warmup):
+                monitor = asyncio.create_task(self._track_readiness(ready, service_ready), name="readiness")
+                await self._stopping.wait()
         finally:
-            logger.info("stopping: draining calls for up to %.1fs", self.config.shutdown_grace_seconds)
             # From here on health stays NOT_SERVING whatever the readiness probe says.
             await self.health.enter_graceful_shutdown()
             if monitor is not None:
                 monitor.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await monitor
+            if monitor is not None and self._stopping.is_set() and self.config.drain_seconds > 0:
+                # Still serving, NOT_SERVING: load balancers take this process out before it stops.
+                logger.info(
+                    "stopping: NOT_SERVING for %.1fs before refusing calls", self.config.drain_seconds
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), self.config.drain_seconds)
+            logger.info("stopping: finishing calls for up to %.1fs", self.config.shutdown_grace_seconds)
             await self.server.stop(self.config.shutdown_grace_seconds)
             await cleanup()
             logger.info("stopped")
+
+    async def _warmed_up(self, warmup: Callable[[], Awaitable[None]]) -> bool:
+        """Run the warm-up unless a stop is requested first (then cancel it); whether it finished."""
+        warming = asyncio.ensure_future(warmup())
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({warming, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not warming.done():
+                warming.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await warming
+        if warming.cancelled():
+            logger.info("stop requested during the warm-up")
+            return False
+        warming.result()  # a failed warm-up fails the service
+        return True
 
     async def _track_readiness(self, ready: Probe, service_ready: Callable[[], bool]) -> None:
         while True:

@@ -23,6 +23,7 @@ class IndicatorsConfig:
     settings: IndicatorSettings
     max_subscribers: int
     forming_queue: int
+    forming_max_delay: float
     feed_page_size: int
     feed_poll_seconds: float
     shard_count: int
@@ -57,7 +58,12 @@ class IndicatorsConfig:
                 bb_dev_down=envreader.get_float(env, "INDICATORS_BB_DEV_DOWN", 2.0),
             ),
             max_subscribers=envreader.get_int(env, "INDICATORS_MAX_SUBSCRIBERS", 32, minimum=1),
+            # Series with an unread provisional update a subscriber may have before it is cut off.
             forming_queue=envreader.get_int(env, "INDICATORS_FORMING_QUEUE", 10_000, minimum=1),
+            # Seconds its oldest unread forming update may wait before it is cut off.
+            forming_max_delay=envreader.get_float(
+                env, "INDICATORS_FORMING_MAX_DELAY_SECONDS", 5.0, minimum=0.01
+            ),
             feed_page_size=envreader.get_int(env, "INDICATORS_FEED_PAGE_SIZE", 1000, minimum=1),
             feed_poll_seconds=envreader.get_float(env, "INDICATORS_FEED_POLL_SECONDS", 1.0, minimum=0.01),
             shard_count=count,

@@ -1,7 +1,8 @@
-"""Indicators' domain values and catalog to messages."""
+"""Indicators' domain values and catalog to messages; the aggregator's failures to statuses."""
 
 from __future__ import annotations
 
+import grpc
 from mt5.indicators.v1 import indicators_service_pb2 as pb
 from mt5.market.v1 import market_pb2
 
@@ -52,3 +53,28 @@ def computation_to_pb(computation: Computation, times: list[object]) -> pb.Compu
             for name, series in zip(computation.outputs, computation.series, strict=True)
         ],
     )
+
+
+# Failures of an upstream call that are about the caller's own request: passed on as they are.
+_CALLERS_OWN = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+
+def upstream_failure(code: grpc.StatusCode, details: str | None) -> tuple[grpc.StatusCode, str]:
+    """The status to answer a request with when the aggregator failed a call made for it.
+
+    A failure about the request (bad argument, its deadline) passes through with its message. Any
+    other is the aggregator being away or broken: UNAVAILABLE, which clients may retry, without
+    the aggregator's own message (it is no business of the caller's).
+    """
+    if code in _CALLERS_OWN:
+        return code, details or code.name
+    return grpc.StatusCode.UNAVAILABLE, f"the aggregator could not answer ({code.name}); retry later"

@@ -388,12 +388,19 @@ class IndicatorEngine:
         bars: Sequence[Bar],
         *,
         report_from: dt.datetime | None = None,
+        report_revisable: bool = False,
     ) -> list[IndicatorValues]:
         """Rebuild a series from its stored final bars (a restart, or after ``NeedsHistory``).
 
         Whatever the engine held for the series is replaced; the next bar then gives what one
         uninterrupted run over ``bars`` would have. With ``report_from``, returns the values of the
         bars at or after it (to republish after a deep revision), else nothing.
+
+        With ``report_revisable``, also returns the values of every bar held with a checkpoint (the
+        last ``checkpoints``: those a later revision recomputes in place, without ``NeedsHistory``).
+        A restart needs them: ``bars`` may already hold a revision the caller has not seen yet, and
+        when that revision comes along later it changes no prices here, so nothing would recompute
+        the bars after it. An older revision still raises ``NeedsHistory`` when it comes along.
         """
         ordered = sorted(bars, key=lambda b: b.ts)
         violations: list[FieldViolation] = []
@@ -432,6 +439,10 @@ class IndicatorEngine:
                         for i, bar in enumerate(prefix)
                         if bar.ts >= report_from
                     )
+        if report_revisable and split < len(ordered):
+            # Every bar from here on is held: a revision of one of them is recomputed in place.
+            held_from = ordered[split].ts
+            report_from = held_from if report_from is None else min(report_from, held_from)
         for bar in ordered[split:]:
             values = self._append(series, bar)
             if report_from is not None and bar.ts >= report_from:

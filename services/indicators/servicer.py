@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -10,9 +9,10 @@ from mt5.indicators.v1 import indicators_service_pb2 as pb
 from mt5.indicators.v1 import indicators_service_pb2_grpc as pb_grpc
 
 from services.aggregator.convert import optional_time
-from services.common.errors import abort_invalid
+from services.common import db, protoconv
+from services.common.errors import abort_if_any, abort_invalid
 from services.common.feed import SubscriberSlots
-from services.common.live import SubscriberTooSlow
+from services.common.live import CutOff, SubscriberTooSlow
 from services.common.market import SYMBOL_PATTERN, Timeframe
 from services.common.validation import FieldViolation, ValidationFailed
 from services.indicators import catalog, convert
@@ -20,6 +20,7 @@ from services.indicators.stage import IndicatorStage
 
 MAX_LIMIT = 10_000
 DEFAULT_LIMIT = 1_000
+_STATUS_DETAILS = "grpc-status-details-bin"
 
 
 def _series_violations(symbol: str, timeframe: int) -> list[FieldViolation]:
@@ -42,6 +43,7 @@ class IndicatorsServicer(pb_grpc.IndicatorsServiceServicer):
         self, request: pb.SubscribeIndicatorsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SubscribeIndicatorsResponse]:
         """Final values after the cursor (stored, then live), with provisional ones when asked."""
+        await abort_if_any(context, protoconv.subscription_violations(request.from_cursor, request.symbols))
         try:
             timeframes = [Timeframe(v) for v in request.timeframes]
         except ValueError:
@@ -49,29 +51,29 @@ class IndicatorsServicer(pb_grpc.IndicatorsServiceServicer):
         with self._slots.take() as admitted:
             if not admitted:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many subscribers; retry later")
+            cut_off = CutOff(context)
             try:
                 async for cursor, values, traceparent in self._stage.values_feed(
-                    request.from_cursor, list(request.symbols), timeframes, request.include_forming
+                    request.from_cursor, list(request.symbols), timeframes, request.include_forming, cut_off
                 ):
                     yield pb.SubscribeIndicatorsResponse(
                         cursor=cursor, values=convert.values_to_pb(values), traceparent=traceparent or ""
                     )
             except SubscriberTooSlow:
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    "subscriber fell too far behind; resume from your last cursor",
-                )
+                await cut_off.finish()
 
     async def GetIndicators(
         self, request: pb.GetIndicatorsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetIndicatorsResponse:
         """Stored values of one symbol and timeframe, oldest first."""
+        await abort_if_any(context, protoconv.timestamp_violations(request, "from", "to"))
         violations = _series_violations(request.symbol, request.timeframe)
         if request.limit > MAX_LIMIT:
             violations.append(FieldViolation("limit", f"must be at most {MAX_LIMIT}"))
         if violations:
             await abort_invalid(context, violations)
-        values = await asyncio.to_thread(
+        values = await db.read(
+            context.time_remaining(),
             self._stage.stored,
             request.symbol,
             Timeframe(request.timeframe),
@@ -97,17 +99,16 @@ class IndicatorsServicer(pb_grpc.IndicatorsServiceServicer):
         self, request: pb.ComputeIndicatorRequest, context: grpc.aio.ServicerContext
     ) -> pb.ComputeIndicatorResponse:
         """Run one TA-Lib function over stored bars of a symbol, timeframe and range."""
+        await abort_if_any(context, protoconv.timestamp_violations(request, "from", "to"))
         violations = _series_violations(request.symbol, request.timeframe)
+        start, end = optional_time(request, "from"), optional_time(request, "to")
+        if start is not None and end is not None and end <= start:
+            violations.append(FieldViolation("to", "must be after from"))
         if violations:
             await abort_invalid(context, violations)
         try:
             catalog.describe(request.function)
-            bars = await self._stage.bars_between(
-                request.symbol,
-                Timeframe(request.timeframe),
-                optional_time(request, "from"),
-                optional_time(request, "to"),
-            )
+            bars = await self._stage.bars_between(request.symbol, Timeframe(request.timeframe), start, end)
             computation = catalog.compute(
                 request.function,
                 dict(request.parameters),
@@ -125,4 +126,13 @@ class IndicatorsServicer(pb_grpc.IndicatorsServiceServicer):
                 f"not enough data: {request.function} needs at least {exc.needed} final bars in "
                 f"the range, there are {exc.got}",
             )
+        except grpc.aio.AioRpcError as exc:  # reading the bars from the aggregator failed
+            code, message = convert.upstream_failure(exc.code(), exc.details())
+            # Passed through, the status keeps its details (a BadRequest's field violations).
+            passed = tuple(
+                (key, value)
+                for key, value in (exc.trailing_metadata() or ())
+                if code == exc.code() and key == _STATUS_DETAILS
+            )
+            await context.abort(code, message, passed)
         return convert.computation_to_pb(computation, [b.ts for b in bars])

@@ -3,9 +3,11 @@
 One task owns the engine. It follows the aggregator's candle feed (final versions, and forming
 bars for provisional values) from the committed cursor; final values and the cursor are committed
 together, then subscribers are woken. On start the engine is warmed from the aggregator's stored
-final bars up to the last value this service stored for each series, and the feed resumes after
-the committed cursor, so a restart loses and duplicates nothing. Provisional values of forming bars
-are live-only and go to the subscribers that asked for them through bounded queues.
+final bars up to the last value this service stored for each series (waiting, NOT_SERVING, while
+the aggregator is unreachable), the values of the bars a revision could still reach are committed
+again where they changed (a revision may have come while this service was down), and the feed
+resumes after the committed cursor, so a restart loses and duplicates nothing. Provisional values
+of forming bars are live-only and go to the subscribers that asked for them through bounded queues.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import asyncio
 import datetime as dt
 import functools
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import grpc
 from mt5.aggregator.v1 import aggregator_service_pb2 as agg_pb
@@ -25,7 +28,7 @@ from services.aggregator.bars import Bar, BarSource, bucket_bounds
 from services.common import db, telemetry
 from services.common import metrics as common_metrics
 from services.common.feed import CommitSignal
-from services.common.live import FeedItem, LiveFanout, live_feed, series_filter
+from services.common.live import FeedItem, LiveFanout, LiveLimits, live_feed, series_filter, series_key
 from services.common.market import Timeframe, shard_of, to_us
 from services.common.protoconv import to_datetime
 from services.indicators import metrics
@@ -35,6 +38,41 @@ from services.indicators.store import CANDLES_FEED, IndicatorStore, IndicatorWor
 
 logger = logging.getLogger(__name__)
 _PAGE = 10_000
+_T = TypeVar("_T")
+# Codes after which a read from the aggregator is tried again: it is away, restarting or overloaded.
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+
+async def call_retrying(
+    call: Callable[[], Awaitable[_T]],
+    what: str,
+    *,
+    first_delay: float = 0.1,
+    max_delay: float = 5.0,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> _T:
+    """Await ``call()`` until it succeeds, backing off up to ``max_delay`` after a retryable failure.
+
+    Any other gRPC failure (a bad request, a wrong key) is raised at once: retrying cannot help.
+    """
+    delay = first_delay
+    while True:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in RETRYABLE:
+                raise
+            logger.warning("%s failed (%s); retrying in %.1fs", what, exc.code().name, delay)
+        await sleep(delay)
+        delay = min(delay * 2, max_delay)
 
 
 def bar_from_pb(message: market_pb2.Bar) -> Bar:
@@ -67,7 +105,9 @@ class IndicatorStage:
         self._aggregator = agg_grpc.AggregatorServiceStub(aggregator)
         self.engine = IndicatorEngine(config.settings)
         self.committed = CommitSignal()
-        self.forming = LiveFanout[IndicatorValues](config.forming_queue)
+        self.forming = LiveFanout[IndicatorValues](
+            LiveLimits(config.forming_queue, config.forming_max_delay), series_key
+        )
         sharded = config.shard_count > 1
         self._feed_key = (
             f"{CANDLES_FEED}@{config.shard_index}/{config.shard_count}" if sharded else CANDLES_FEED
@@ -89,7 +129,18 @@ class IndicatorStage:
         self._cursor = stored.get(self._feed_key, min(earlier, default=0))
         for symbol, timeframe, last in await asyncio.to_thread(self._store.series):
             if self.owns(symbol):
-                self.engine.warm(symbol, timeframe, await self._stored_bars(symbol, timeframe, until=last))
+                # The aggregator may be down too (restarted together, a rollout): wait for it,
+                # NOT_SERVING meanwhile, rather than exit.
+                bars = await call_retrying(
+                    functools.partial(self._stored_bars, symbol, timeframe, until=last),
+                    f"warm-up read of {symbol} {timeframe.name}",
+                )
+                # The stored bars may hold revisions the feed has not brought yet; replayed, they
+                # change no prices and recompute nothing. So the values of every bar a revision
+                # could reach go out again now: the store logs only those that changed.
+                self._pending.values.extend(self.engine.warm(symbol, timeframe, bars, report_revisable=True))
+        if self._pending:
+            self._work_ready.set()
         logger.info("indicators warm; resuming the candle feed after cursor %d", self._cursor)
 
     async def _stored_bars(
@@ -188,9 +239,18 @@ class IndicatorStage:
             self.committed.notify()
 
     def values_feed(
-        self, cursor: int, symbols: Sequence[str], timeframes: Sequence[Timeframe], include_forming: bool
+        self,
+        cursor: int,
+        symbols: Sequence[str],
+        timeframes: Sequence[Timeframe],
+        include_forming: bool,
+        on_overflow: Callable[[], None] = lambda: None,
     ) -> AsyncIterator[FeedItem[IndicatorValues]]:
-        """Final values after ``cursor`` (stored, then live), with provisional ones when asked."""
+        """Final values after ``cursor`` (stored, then live), with provisional ones when asked.
+
+        A subscriber that falls behind on provisional values gets ``on_overflow`` called by the
+        publisher, then ``SubscriberTooSlow`` raised (``services.common.live``).
+        """
 
         async def read(after: int, limit: int) -> list[LoggedValues]:
             return await asyncio.to_thread(self._store.values_after, after, symbols, timeframes, limit)
@@ -205,6 +265,7 @@ class IndicatorStage:
             fanout=self.forming if include_forming else None,
             wants=series_filter(symbols, timeframes),
             feed=metrics.VALUES_FEED,
+            on_overflow=on_overflow,
         )
 
     def stored(

@@ -112,7 +112,7 @@ class IndicatorStore:
             conditions.append(t.c.ts >= start)
         if end is not None:
             conditions.append(t.c.ts < end)
-        with self._engine.connect() as conn:
+        with db.reading(self._engine) as conn:  # bounded by the caller's deadline (db.read)
             order = t.c.ts.desc() if newest else t.c.ts
             rows = [
                 _values(r)

@@ -14,6 +14,8 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from services.inference.domain import MAX_STANDARD_DEVIATIONS
+
 
 class SignalNet(nn.Module):
     """Standardize, then a small MLP; one logit per row (up over the horizon)."""
@@ -57,6 +59,20 @@ class Scorer:
         with torch.inference_mode():
             logits = self._net(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)))
             return torch.sigmoid(logits).to(torch.float64).numpy()
+
+    def out_of_range(self, rows: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
+        """Per value of ``(batch, n_inputs)`` rows: whether the network cannot take it.
+
+        Checked on what the network computes with: the value as float32, standardized in float32 as
+        ``SignalNet.forward`` does; NaN, infinities, values beyond float32's range and values more than
+        ``MAX_STANDARD_DEVIATIONS`` from the training mean are out of range.
+        """
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        with torch.inference_mode():
+            standardized = (x - self._net.mean) / self._net.scale
+            inside = standardized.abs() <= MAX_STANDARD_DEVIATIONS  # False for NaN
+        return ~inside.numpy()
 
     def labels(self, probabilities: npt.NDArray[np.float64]) -> npt.NDArray[np.int32]:
         """1 where the probability reaches the threshold tuned on validation, else 0."""

@@ -25,7 +25,8 @@ from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common.errors import abort_invalid
 from services.common.validation import FieldViolation, ValidationFailed
 from services.inference import metrics
-from services.inference.registry import LoadedModel, Manifest
+from services.inference.domain import MAX_STANDARD_DEVIATIONS
+from services.inference.registry import LoadedModel
 from services.inference.serving import NO_MODEL, MicroBatcher, ModelHolder, NoModel
 
 SERVER_NAME = "mt5-mesh-inference"
@@ -112,9 +113,9 @@ def _header_violations(request: pb.ModelInferRequest, n_inputs: int) -> list[Fie
     return found
 
 
-def read_request(request: pb.ModelInferRequest, manifest: Manifest) -> InferInput:
+def read_request(request: pb.ModelInferRequest, model: LoadedModel) -> InferInput:
     """The feature rows and wanted outputs of a ModelInfer request, or ``ValidationFailed``."""
-    n_inputs = manifest.n_inputs
+    n_inputs = model.manifest.n_inputs
     violations = _header_violations(request, n_inputs)
     if violations:
         raise ValidationFailed(violations)
@@ -149,27 +150,31 @@ def read_request(request: pb.ModelInferRequest, manifest: Manifest) -> InferInpu
             )
         values = np.array(contents, dtype=dtype)
     rows = values.astype(np.float64).reshape(batch, n_inputs)
-    _reject_non_finite(rows, field, manifest.features)
+    _reject_out_of_range(rows, field, model)
     outputs = tuple(o.name for o in request.outputs) or OUTPUTS
     return InferInput(rows, outputs, bool(request.raw_input_contents))
 
 
-def _reject_non_finite(rows: npt.NDArray[np.float64], field: str, features: Sequence[str]) -> None:
-    """Refuse the request if any value is not finite where the model computes: in float32."""
-    with np.errstate(over="ignore"):
-        bad = ~np.isfinite(rows.astype(np.float32))
+def _reject_out_of_range(rows: npt.NDArray[np.float64], field: str, model: LoadedModel) -> None:
+    """Refuse the request if any value is one the network cannot take.
+
+    Checked where the model computes: in float32, before and after standardization
+    (``Scorer.out_of_range``).
+    """
+    bad = model.scorer.out_of_range(rows)
     if not bad.any():
         return
     bad_rows = int(bad.any(axis=1).sum())
     metrics.ROWS_REJECTED.labels(reason="non_finite").inc(bad_rows)
     row, column = (int(i) for i in np.argwhere(bad)[0])
-    name = features[column % len(features)]
+    name = model.manifest.features[column % len(model.manifest.features)]
     raise ValidationFailed(
         [
             FieldViolation(
                 field,
-                f"{bad_rows} row(s) hold non-finite values (NaN, ±Infinity, or beyond FP32's range); "
-                f"the first is row {row}, column {column} ({name}) = {rows[row, column]}",
+                f"row {row}, column {column} ({name}) = {rows[row, column]} is out of range for the model "
+                f"(NaN, ±Infinity, beyond FP32's range, or more than {MAX_STANDARD_DEVIATIONS:g} standard "
+                f"deviations from its training mean); {bad_rows} row(s) hold such values",
             )
         ]
     )
@@ -278,7 +283,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             request.model_name, request.model_version, "model_name", "model_version", context
         )
         try:
-            wanted = read_request(request, model.manifest)
+            wanted = read_request(request, model)
         except ValidationFailed as exc:
             await abort_invalid(context, exc.violations)
         try:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 import grpc
 import numpy as np
@@ -12,12 +13,13 @@ from google.api import httpbody_pb2
 from mt5.inference.v1 import inference_service_pb2 as pb
 from mt5.inference.v1 import inference_service_pb2_grpc as pb_grpc
 
-from services.common.errors import abort_invalid
+from services.common import db, protoconv
+from services.common.errors import abort_if_any, abort_invalid
 from services.common.feed import SubscriberSlots
 from services.common.market import SYMBOL_PATTERN, Timeframe
 from services.common.validation import FieldViolation
 from services.inference import convert
-from services.inference.domain import MAX_ROWS, row_violations
+from services.inference.domain import MAX_ROWS, range_violations, row_violations
 from services.inference.registry import LoadedModel
 from services.inference.serving import NO_MODEL, MicroBatcher, ModelHolder, Scored
 from services.inference.stage import InferenceStage
@@ -25,6 +27,18 @@ from services.inference.store import SignalStore
 
 DEFAULT_LIMIT = 100
 STREAM_IN_FLIGHT = 256  # rows of one PredictStream scored ahead of the responses
+
+
+async def _ending_on_failure(reading: Awaitable[None], pending: asyncio.Queue[Any]) -> None:
+    """Run a client stream's reader; when it fails, queue the exception for the answering loop.
+
+    The loop waits on the queue: without this, a request stream that fails (a message that does
+    not parse, a client gone) would leave the call hanging until its deadline.
+    """
+    try:
+        await reading
+    except Exception as exc:
+        await pending.put(exc)
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
@@ -77,6 +91,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.SubscribeSignalsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SubscribeSignalsResponse]:
         """Signals after the cursor: stored ones, then live ones."""
+        await abort_if_any(context, protoconv.subscription_violations(request.from_cursor, request.symbols))
         try:
             timeframes = [Timeframe(v) for v in request.timeframes]
         except ValueError:
@@ -100,7 +115,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         violations = row_violations(rows, model.manifest.n_inputs, "rows[{i}].values")
         if violations:
             await abort_invalid(context, violations)
-        scored = await self._batcher.score(np.array(rows, dtype=np.float64))
+        array = np.array(rows, dtype=np.float64)
+        violations = range_violations(array, model.scorer.out_of_range(array), "rows[{i}].values")
+        if violations:
+            await abort_invalid(context, violations)
+        scored = await self._batcher.score(array)
         return pb.PredictResponse(predictions=_predictions(scored), model_version=scored.version)
 
     async def PredictStream(
@@ -116,15 +135,20 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             async for message in request_iterator:
                 row = list(message.row.values)
                 violations = row_violations([row], model.manifest.n_inputs, "row.values")
+                if not violations:
+                    array = np.array([row], dtype=np.float64)
+                    violations = range_violations(array, model.scorer.out_of_range(array), "row.values")
                 if violations:
                     await pending.put(violations)
                     return
-                await pending.put(await self._batcher.submit(np.array([row], dtype=np.float64)))
+                await pending.put(await self._batcher.submit(array))
             await pending.put(None)
 
-        reader = asyncio.create_task(read())
+        reader = asyncio.create_task(_ending_on_failure(read(), pending))
         try:
             while (item := await pending.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
                 if isinstance(item, list):
                     await abort_invalid(context, item)
                 scored = await item
@@ -138,9 +162,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.ListSignalsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSignalsResponse:
         """The signal of each symbol's latest final candle."""
-        signals = await asyncio.to_thread(
-            self._store.current, await self._timeframe(request.timeframe, context)
-        )
+        timeframe = await self._timeframe(request.timeframe, context)
+        signals = await db.read(context.time_remaining(), self._store.current, timeframe)
         return pb.ListSignalsResponse(signals=[convert.signal_to_pb(s) for s in signals])
 
     async def SaveSignals(
@@ -158,7 +181,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         timeframe = await self._timeframe(request.timeframe, context)
         symbol = await self._symbol(request.symbol, context)
         limit = await self._limit(request.limit, context)
-        signals = await asyncio.to_thread(self._store.history, symbol, timeframe, limit)
+        signals = await db.read(context.time_remaining(), self._store.history, symbol, timeframe, limit)
         return pb.GetSignalHistoryResponse(signals=[convert.signal_to_pb(s) for s in signals])
 
     async def GetLatestSignals(
@@ -166,7 +189,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.GetLatestSignalsResponse:
         """The last saved signal of each symbol."""
         timeframe = await self._timeframe(request.timeframe, context)
-        signals = await asyncio.to_thread(self._store.latest_saved, timeframe)
+        signals = await db.read(context.time_remaining(), self._store.latest_saved, timeframe)
         return pb.GetLatestSignalsResponse(signals=[convert.signal_to_pb(s) for s in signals])
 
     async def GetModel(

@@ -116,7 +116,7 @@ class SignalStore:
             .order_by(t.c.ts.desc(), t.c.saved_at.desc())
             .limit(limit)
         )
-        with self._engine.connect() as conn:
+        with db.reading(self._engine) as conn:  # bounded by the caller's deadline (db.read)
             return [_signal(r) for r in conn.execute(query)]
 
     def latest_saved(self, timeframe: Timeframe) -> list[Signal]:
@@ -140,7 +140,7 @@ class SignalStore:
             query = query.order_by(table.c.saved_at.desc())
         if conn is not None:
             return _first_per_symbol(conn.execute(query))
-        with self._engine.connect() as own:
+        with db.reading(self._engine) as own:  # bounded by the caller's deadline (db.read)
             return _first_per_symbol(own.execute(query))
 
 

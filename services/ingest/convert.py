@@ -16,13 +16,17 @@ from services.ingest.domain import CandleStatus, RawCandle, RawTick, TickStatus
 _SINGLE_FIELDS = ("symbol", "timeframe", "ts", "open", "high", "low", "close", "volume", "spread")
 
 
-def _ts(message: market_pb2.Candle | market_pb2.Tick | pb.IngestCandlesRequest) -> int | None:
-    return micros(message.ts) if message.HasField("ts") else None
+def _ts(message: market_pb2.Candle | market_pb2.Tick | pb.IngestCandlesRequest, field: str) -> int | None:
+    # micros refuses a Timestamp that is invalid (nanos, years 1-9999), naming ``field``.
+    return micros(message.ts, field) if message.HasField("ts") else None
 
 
-def raw_candle(m: market_pb2.Candle | pb.IngestCandlesRequest) -> RawCandle:
-    """A candle message (or the single-candle fields of a request) as a raw record."""
-    return RawCandle(m.symbol, m.timeframe, _ts(m), m.open, m.high, m.low, m.close, m.volume, m.spread)
+def raw_candle(m: market_pb2.Candle | pb.IngestCandlesRequest, field: str = "ts") -> RawCandle:
+    """A candle message (or the single-candle fields of a request) as a raw record.
+
+    ``field`` names its timestamp in the request; ValidationFailed when that Timestamp is invalid.
+    """
+    return RawCandle(m.symbol, m.timeframe, _ts(m, field), m.open, m.high, m.low, m.close, m.volume, m.spread)
 
 
 def candles_of(request: pb.IngestCandlesRequest) -> tuple[list[RawCandle], str | None]:
@@ -34,7 +38,7 @@ def candles_of(request: pb.IngestCandlesRequest) -> tuple[list[RawCandle], str |
         )
     if single:
         return [raw_candle(request)], None
-    return [raw_candle(item) for item in request.items], "items"
+    return [raw_candle(item, f"items[{i}].ts") for i, item in enumerate(request.items)], "items"
 
 
 def original_timestamps(request: pb.IngestCandlesRequest) -> Sequence[timestamp_pb2.Timestamp]:
@@ -42,9 +46,14 @@ def original_timestamps(request: pb.IngestCandlesRequest) -> Sequence[timestamp_
     return [item.ts for item in request.items] if request.items else [request.ts]
 
 
-def raw_tick(m: market_pb2.Tick) -> RawTick:
-    """A tick message as a raw record."""
-    return RawTick(m.symbol, _ts(m), m.bid, m.ask, m.volume)
+def raw_tick(m: market_pb2.Tick, field: str = "ts") -> RawTick:
+    """A tick message as a raw record (ValidationFailed naming ``field`` when its Timestamp is invalid)."""
+    return RawTick(m.symbol, _ts(m, field), m.bid, m.ask, m.volume)
+
+
+def raw_ticks(ticks: Sequence[market_pb2.Tick], field: str = "ticks") -> list[RawTick]:
+    """The ticks of a request (its ``field``) as raw records."""
+    return [raw_tick(m, f"{field}[{i}].ts") for i, m in enumerate(ticks)]
 
 
 def candles_response(

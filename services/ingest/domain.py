@@ -18,6 +18,7 @@ from services.common.validation import FieldViolation, ValidationFailed
 
 MAX_ITEMS = 10_000
 SOURCE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+MAX_SEQUENCE = 2**63 - 1  # uint64 in the proto, BIGINT in ingest_source_batches
 EARLIEST = dt.datetime(1990, 1, 1, tzinfo=dt.UTC)
 MAX_AHEAD = dt.timedelta(days=1)
 
@@ -225,6 +226,10 @@ def validate_source(source_id: str, sequence: int) -> None:
         found.append(FieldViolation("source_id", "must be 1 to 64 letters, digits or ._-"))
     if sequence < 1:
         found.append(FieldViolation("sequence", "must be at least 1"))
+    elif sequence > MAX_SEQUENCE:
+        # Refused here, whole: past the database it would fail the group commit of every request
+        # that shares the transaction.
+        found.append(FieldViolation("sequence", f"must be at most {MAX_SEQUENCE} (2**63 - 1)"))
     if found:
         raise ValidationFailed(found)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -11,8 +10,8 @@ import grpc
 from mt5.ingest.v1 import ingest_service_pb2 as pb
 from mt5.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 
-from services.common import protoconv, telemetry
-from services.common.errors import abort_invalid
+from services.common import db, protoconv, telemetry
+from services.common.errors import abort_if_any, abort_invalid
 from services.common.feed import SubscriberSlots, follow
 from services.common.market import shard_of
 from services.common.ordered import in_order
@@ -58,7 +57,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         except ValidationFailed as exc:
             metrics.REJECTED.labels("candles", metrics.rejection_reason(exc.violations[0].field)).inc()
             await abort_invalid(context, exc.violations)
-        statuses = await self._guard(context, self._commits.submit_candles(candles))
+        statuses = await self._guard(context, self._commits.submit_candles(candles, context.time_remaining()))
         _count("candles", statuses)
         return convert.candles_response(convert.original_timestamps(request), candles, statuses)
 
@@ -67,11 +66,13 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     ) -> pb.IngestTicksResponse:
         """Validate every tick, then store them deduplicated in one commit."""
         try:
-            ticks = domain.validate_ticks([convert.raw_tick(t) for t in request.ticks], _now())
+            ticks = domain.validate_ticks(convert.raw_ticks(request.ticks), _now())
         except ValidationFailed as exc:
             metrics.REJECTED.labels("ticks", metrics.rejection_reason(exc.violations[0].field)).inc()
             await abort_invalid(context, exc.violations)
-        result = await self._guard(context, self._commits.submit_ticks(TickBatch(ticks)))
+        result = await self._guard(
+            context, self._commits.submit_ticks(TickBatch(ticks), context.time_remaining())
+        )
         _count("ticks", result.statuses)
         return convert.ticks_response(request.ticks, ticks, result.statuses)
 
@@ -82,7 +83,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
 
         def prepare(request: pb.StreamTicksRequest) -> tuple[int, TickBatch]:
             domain.validate_source(request.source_id, request.sequence)
-            ticks = domain.validate_ticks([convert.raw_tick(t) for t in request.ticks], _now())
+            ticks = domain.validate_ticks(convert.raw_ticks(request.ticks), _now())
             return request.sequence, TickBatch(ticks, request.source_id, request.sequence)
 
         async def commit(prepared: tuple[int, TickBatch]) -> pb.StreamTicksResponse:
@@ -121,11 +122,12 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         self, request: pb.SubscribeTicksRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SubscribeTicksResponse]:
         """Stream committed ticks after the cursor, then live ones (of one shard's symbols if asked)."""
+        await abort_if_any(context, protoconv.subscription_violations(request.from_cursor, request.symbols))
         symbols = list(request.symbols)
         mine = await self._shard_filter(request.shard_count, request.shard_index, context)
 
         async def read(cursor: int, limit: int) -> list[StoredTick]:
-            return await asyncio.to_thread(self._store.ticks_after, cursor, symbols, limit)
+            return await db.read(context.time_remaining(), self._store.ticks_after, cursor, symbols, limit)
 
         with self._slots.take() as admitted:
             if not admitted:
@@ -148,6 +150,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         self, request: pb.SubscribeCandlesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SubscribeCandlesResponse]:
         """Stream committed EA candle changes after the cursor, then live ones."""
+        await abort_if_any(context, protoconv.subscription_violations(request.from_cursor, request.symbols))
         symbols = list(request.symbols)
         mine = await self._shard_filter(request.shard_count, request.shard_index, context)
         try:
@@ -156,7 +159,9 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "timeframes: unknown timeframe")
 
         async def read(cursor: int, limit: int) -> list[StoredCandleChange]:
-            return await asyncio.to_thread(self._store.candles_after, cursor, symbols, timeframes, limit)
+            return await db.read(
+                context.time_remaining(), self._store.candles_after, cursor, symbols, timeframes, limit
+            )
 
         with self._slots.take() as admitted:
             if not admitted:

@@ -69,7 +69,10 @@ class StoredCandleChange:
 
 
 class IngestStore:
-    """Reads and writes ingest's tables through one SQLAlchemy engine (sync; run it in a thread)."""
+    """Reads and writes ingest's tables through one SQLAlchemy engine (sync; run it in a thread).
+
+    Reads are bounded by the deadline of the ``db.read()`` that runs them (``db.reading``).
+    """
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -81,12 +84,17 @@ class IngestStore:
         tick_batches: Sequence[TickBatch],
         candle_batches: Sequence[Sequence[Candle]],
         traceparent: str | None = None,
+        *,
+        timeout: float | None = None,
+        interrupt: db.Interrupt | None = None,
     ) -> tuple[list[TickBatchResult], list[list[CandleStatus]]]:
         """Store every batch in one transaction and say what happened to each item.
 
         ``traceparent`` (the commit's trace context) is stored with the ticks and candle changes.
+        ``timeout`` (what the callers have left, in seconds) bounds the transaction's statements;
+        ``interrupt`` stops it, rolled back, once its callers have gone (see ``db.write_transaction``).
         """
-        with db.write_transaction(self._engine, WRITE_LOCK_KEY) as conn:
+        with db.write_transaction(self._engine, WRITE_LOCK_KEY, timeout=timeout, interrupt=interrupt) as conn:
             tick_results = self._commit_ticks(conn, tick_batches, traceparent) if tick_batches else []
             candle_results = self._commit_candles(conn, candle_batches, traceparent) if candle_batches else []
         return tick_results, candle_results
@@ -295,7 +303,7 @@ class IngestStore:
         )
         if symbols:
             query = query.where(t.c.symbol.in_(symbols))
-        with self._engine.connect() as conn:
+        with db.reading(self._engine) as conn:
             rows = conn.execute(query.order_by(t.c.id).limit(limit))
             return [
                 StoredTick(r.id, Tick(r.symbol, r.ts, r.bid, r.ask, r.volume), r.traceparent) for r in rows
@@ -309,7 +317,7 @@ class IngestStore:
             .where(t.c.symbol == symbol, t.c.ts >= start, t.c.ts < end)
             .order_by(t.c.id)
         )
-        with self._engine.connect() as conn:
+        with db.reading(self._engine) as conn:
             return [
                 StoredTick(r.id, Tick(r.symbol, r.ts, r.bid, r.ask, r.volume)) for r in conn.execute(query)
             ]
@@ -318,7 +326,7 @@ class IngestStore:
         """Stored EA candles (latest versions) of a symbol with ``start <= ts < end``."""
         t = ingest_candles
         query = select(t).where(t.c.symbol == symbol, t.c.ts >= start, t.c.ts < end).order_by(t.c.ts)
-        with self._engine.connect() as conn:
+        with db.reading(self._engine) as conn:
             return [
                 Candle(
                     r.symbol, Timeframe[r.timeframe], r.ts, r.open, r.high, r.low, r.close, r.volume, r.spread
@@ -331,7 +339,7 @@ class IngestStore:
     ) -> list[StoredCandleChange]:
         """Committed candle changes with a cursor above ``cursor``, in cursor order."""
         query = db.page_after(ingest_candle_log, cursor, limit, symbols, [tf.name for tf in timeframes])
-        with self._engine.connect() as conn:
+        with db.reading(self._engine) as conn:
             rows = conn.execute(query)
             return [
                 StoredCandleChange(

@@ -30,17 +30,6 @@ from tests.pipeline_checks import Mismatches
 
 pytestmark = [pytest.mark.envoy, pytest.mark.postgres]
 
-# Not strict: whether a run meets one of these depends on where the kills land. Each is pinned
-# down deterministically (and strictly) in tests/integration/test_crash_and_resume.py; once they
-# are fixed these tests must pass every time, and this marker goes.
-OPEN_BUGS = pytest.mark.xfail(
-    strict=False,
-    reason="open bugs (tests/integration/test_crash_and_resume.py): the aggregator's quiet-market "
-    "clock drops a replay's ticks after a pause or a restart while idle; indicators restarted after a "
-    "revision they missed keep stale values of later bars; indicators exit when the aggregator is "
-    "down during their warm-up",
-)
-
 SHORT = Plan(
     ticks=18_000,
     kills=len(TARGETS),
@@ -68,7 +57,6 @@ def assert_everything_once_and_equal_to_offline(run: RunReport) -> None:
     assert not any(kill.crashed_on_start for kill in run.kills), run.describe()
 
 
-@OPEN_BUGS
 async def test_mesh_every_process_killed_midstream_stores_each_acknowledged_tick_once(
     tmp_path: pathlib.Path,
 ) -> None:
@@ -79,7 +67,6 @@ async def test_mesh_every_process_killed_midstream_stores_each_acknowledged_tick
     assert_everything_once_and_equal_to_offline(run)
 
 
-@OPEN_BUGS
 async def test_mesh_postgres_restarted_midstream_reports_not_serving_and_loses_nothing(
     tmp_path: pathlib.Path,
 ) -> None:

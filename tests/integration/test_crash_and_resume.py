@@ -1,7 +1,8 @@
 """Failures the proving ground's crash-and-resume runs found (``bench/proving/chaos.py``), one by one.
 
-Each test reproduces one of them deterministically. Those still open are marked ``xfail(strict=True)``
-with the bug in the reason: fixing the bug makes the test pass, and then the marker must go.
+Each test reproduces one of them deterministically and guards its fix. A bug still open is marked
+``xfail(strict=True)`` with the bug in the reason: fixing it makes the test pass, and then the marker
+goes. None is open now.
 """
 
 from __future__ import annotations
@@ -169,12 +170,6 @@ def _start(name: str, url: str, workdir: pathlib.Path, env: dict[str, str]) -> S
     return make_service(name, url, workdir, base | env).start()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aggregator bug: a restored symbol has no last arrival time, so the first clock tick after a "
-    "restart treats its market as quiet and moves its horizon to the wall clock: open bars are "
-    "finalized at once and every later tick of a replay of older data is dropped as too late",
-)
 async def test_aggregator_restarted_while_its_feed_is_idle_applies_the_ticks_that_follow(
     pg_url: str, tmp_path: pathlib.Path
 ) -> None:
@@ -206,14 +201,6 @@ async def test_aggregator_restarted_while_its_feed_is_idle_applies_the_ticks_tha
     assert stored == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aggregator bug: when a feed of older ticks pauses for longer than the grace while the "
-    "aggregator is caught up (the client reconnecting through Envoy, which waits up to 5 s for its "
-    "next health check of a restarted ingest), the quiet-market clock moves the symbol's horizon to "
-    "the wall clock and keeps it there: every tick after the pause is older than horizon minus "
-    "retention and is dropped, so the candles silently miss what ingest stored and acknowledged",
-)
 async def test_aggregator_feed_paused_longer_than_grace_applies_the_ticks_after_the_pause(
     pg_url: str, tmp_path: pathlib.Path
 ) -> None:
@@ -247,13 +234,6 @@ async def test_aggregator_feed_paused_longer_than_grace_applies_the_ticks_after_
     assert stored == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="indicators bug: a restart warms each series from the aggregator's current final bars, "
-    "revisions it has not consumed yet included; the feed then replays those revisions, the engine "
-    "finds them already applied (same high, low, close) and republishes only the revised bar, so the "
-    "stored values of every later bar (which depend on it) stay those computed before the revision",
-)
 async def test_indicators_restarted_after_a_revision_they_missed_store_talib_batch_values(
     pg_url: str, tmp_path: pathlib.Path
 ) -> None:
@@ -294,13 +274,6 @@ async def test_indicators_restarted_after_a_revision_they_missed_store_talib_bat
     assert stale == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="indicators bug: the warm-up on start asks the aggregator for stored bars (GetCandles) "
-    "once, without retrying: when the aggregator is unreachable at that moment (both restarted "
-    "together, a rollout) the process exits with a traceback instead of staying NOT_SERVING and "
-    "retrying until the aggregator is back",
-)
 async def test_indicators_started_while_the_aggregator_is_down_wait_and_then_serve(
     pg_url: str, tmp_path: pathlib.Path
 ) -> None:

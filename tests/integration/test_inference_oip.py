@@ -384,6 +384,15 @@ async def test_model_infer_fp64_beyond_fp32_range_invalid_argument(oip: Oip) -> 
     assert violations(error) == ["inputs[0].contents.fp64_contents"]
 
 
+async def test_model_infer_finite_but_huge_after_standardization_invalid_argument(oip: Oip) -> None:
+    rows = feature_rows(2).astype(np.float64)
+    rows[1, 2] = 1e35  # finite in FP32; standardized, beyond what the network computes with
+    error = await infer_error(oip, typed_request(rows))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(error) == ["inputs[0].contents.fp64_contents"]
+    assert "row 1, column 2 (spread)" in (error.details() or "")
+
+
 async def test_model_infer_non_finite_rows_counted_and_never_scored(oip: Oip) -> None:
     rows = feature_rows(4)
     rows[1, 0] = np.nan

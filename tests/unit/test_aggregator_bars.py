@@ -215,8 +215,10 @@ def test_aggregator_ea_candle_for_pruned_bar_after_adopt_is_a_revision() -> None
     minute = dt.datetime(2025, 10, 20, 3, 0, tzinfo=dt.UTC)
     stored: dict[tuple[Timeframe, dt.datetime], Bar] = {}
     forming = agg.add_ticks("X", np.array([to_us(minute) + 1_000_000]), np.array([1.0]), np.array([1.0002]))
-    closed = agg.advance_clock(FAR_FUTURE)  # final, then pruned: far older than the retention window
-    for bar in [*forming.forming, *closed.final]:  # in the order they were published: the latest wins
+    # Three hours of market time later: final, then pruned (older than the retention window).
+    later = np.array([to_us(minute) + 3 * 3_600_000_000], dtype=np.int64)
+    closed = agg.add_ticks("X", later, np.array([1.0]), np.array([1.0002]))
+    for bar in [*forming.forming, *closed.final, *closed.forming]:  # as published: the latest wins
         stored[(bar.timeframe, bar.ts)] = bar
     assert not agg.is_live("X", Timeframe.M1, minute)
     agg.adopt("X", stored.values())
@@ -231,7 +233,8 @@ def test_aggregator_adopt_links_every_stored_child_of_a_parent() -> None:
     minute = dt.datetime(2025, 10, 20, 3, 0, tzinfo=dt.UTC)
     ts = np.array([to_us(minute) + i * 60_000_000 + 1_000_000 for i in range(3)], dtype=np.int64)
     forming = agg.add_ticks("X", ts, np.array([1.0, 0.8, 1.4]), np.array([1.0002, 0.8002, 1.4002]))
-    closed = agg.add_ticks("X", np.array([to_us(minute) + 600_000_000]), np.array([1.0]), np.array([1.0002]))
+    later = np.array([to_us(minute) + 3 * 3_600_000_000], dtype=np.int64)  # M5 03:00 falls out of retention
+    closed = agg.add_ticks("X", later, np.array([1.0]), np.array([1.0002]))
     closed.extend(agg.advance_clock(FAR_FUTURE))
     stored = {(b.timeframe, b.ts): b for b in [*forming.forming, *closed.forming, *closed.final]}
     assert not agg.is_live("X", Timeframe.M5, minute)
@@ -239,3 +242,84 @@ def test_aggregator_adopt_links_every_stored_child_of_a_parent() -> None:
     m5 = next(b for b in agg.add_ea_candle(ea(1.1)).final if b.timeframe is Timeframe.M5)
     # The EA bar replaced the first minute; the other two minutes still count.
     assert (m5.low, m5.high, m5.close, m5.revision) == (0.8001, 1.4001, 1.4001, 1)
+
+
+# --- the wall clock never makes a tick too old: it judges nothing but a quiet market ---------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=2_999), max_size=6, unique=True), st.integers(0, 10_000))
+def test_aggregator_replay_paused_longer_than_grace_anywhere_loses_no_tick(
+    pauses: list[int], seed: int
+) -> None:
+    ticks = make_ticks(3_000, seed=seed, span_hours=3)
+    agg = Aggregator()
+    wall = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)  # old ticks: years before the wall clock
+    latest: dict[tuple[Timeframe, dt.datetime], Bar] = {}
+    edges = [0, *sorted(pauses), len(ticks)]
+    for k, (a, b) in enumerate(itertools.pairwise(edges)):
+        now = wall + dt.timedelta(minutes=k)
+        part = ticks.take(slice(a, b))
+        out = agg.add_ticks("X", part.ts, part.bid, part.ask, arrived=now)
+        # The feed pauses for longer than the grace: the clock closes every bar it holds.
+        out.extend(agg.advance_clock(now + dt.timedelta(seconds=30)))
+        latest |= {(bar.timeframe, bar.ts): bar for bar in out.final}
+    latest |= {(bar.timeframe, bar.ts): bar for bar in agg.advance_clock(FAR_FUTURE).final}
+    assert agg.late_dropped == 0
+    assert_matches_reference(latest, reference(ticks))
+
+
+def test_aggregator_tick_for_bar_the_clock_closed_revises_it_and_resumes_the_tick_horizon() -> None:
+    agg = Aggregator()
+    minute = dt.datetime(2025, 10, 20, 3, 0, tzinfo=dt.UTC)
+    wall = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    agg.add_ticks("X", np.array([to_us(minute) + 5_000_000]), np.array([1.0]), np.array([1.1]), arrived=wall)
+    closed = agg.advance_clock(wall + dt.timedelta(seconds=6)).final
+    assert (Timeframe.M1, minute, 0) in {(b.timeframe, b.ts, b.revision) for b in closed}
+    # The feed goes on in the same minute: the tick revises the bar instead of being dropped ...
+    resumed = agg.add_ticks(
+        "X", np.array([to_us(minute) + 40_000_000]), np.array([1.4]), np.array([1.5]), arrived=wall
+    )
+    m1 = next(b for b in resumed.final if b.timeframe is Timeframe.M1)
+    assert (m1.revision, m1.close, m1.tick_count) == (1, 1.45, 2)
+    assert agg.late_dropped == 0
+    # ... and the next minute forms again: only tick times move the horizon once ticks are back. Its
+    # parents, which the clock closed, take it in as a revision.
+    nxt = agg.add_ticks(
+        "X", np.array([to_us(minute) + 70_000_000]), np.array([1.2]), np.array([1.3]), arrived=wall
+    )
+    assert (Timeframe.M1, minute + dt.timedelta(minutes=1)) in {(b.timeframe, b.ts) for b in nxt.forming}
+    assert Timeframe.M1 not in {b.timeframe for b in nxt.final}
+    m5 = next(b for b in nxt.final if b.timeframe is Timeframe.M5)
+    assert (m5.revision, m5.close, m5.tick_count) == (2, 1.25, 3)
+
+
+def test_aggregator_restored_symbol_waits_a_grace_before_the_clock_closes_its_bars() -> None:
+    ticks = make_ticks(2_000, seed=7, span_hours=2)
+    cut = 1_000
+    first = Aggregator()
+    emitted = first.add_ticks("X", ticks.ts[:cut], ticks.bid[:cut], ticks.ask[:cut])
+    stored = {(b.timeframe, b.ts): b for b in [*emitted.final, *emitted.forming]}
+    restored = Aggregator()
+    wall = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    state = first.symbols["X"]
+    restored.restore("X", stored.values(), state.latest_tick_us, state.last_cursor, restored=wall)
+    grace = AggregationSettings().grace
+    assert restored.advance_clock(wall + grace - dt.timedelta(microseconds=1)).final == []
+    assert restored.advance_clock(wall + grace).final != []  # idle for the grace: now it is quiet
+    rest = ticks.take(slice(cut, None))
+    latest = {key: bar for key, bar in final_bars(restored, "X", rest).items()}
+    assert restored.late_dropped == 0
+    for key, values in reference(ticks).items():
+        bar = latest.get(key) or stored[key]
+        assert (bar.open, bar.high, bar.low, bar.close) == values[:4], key
+
+
+def test_aggregator_tick_for_ea_bar_the_clock_pruned_is_dropped_not_started_afresh() -> None:
+    agg = Aggregator()
+    agg.add_ea_candle(ea(1.1))
+    agg.advance_clock(FAR_FUTURE)  # no ticks: the clock's retention window prunes the EA bars
+    assert not agg.is_live("X", Timeframe.M1, dt.datetime(2025, 10, 20, 3, tzinfo=dt.UTC))
+    tick = to_us(dt.datetime(2025, 10, 20, 3, 0, 30, tzinfo=dt.UTC))
+    out = agg.add_ticks("X", np.array([tick]), np.array([1.0]), np.array([1.0002]))
+    assert (out.final, out.forming, agg.late_dropped) == ([], [], 1)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from services.common.config import MAX_STREAMS
 from services.mesh.gateway import GatewaySettings, load_base_config, render_config, write_config
 
 CLUSTERS = ("ingest", "aggregator", "indicators", "inference")
@@ -137,8 +138,26 @@ def test_render_config_keeps_shared_cluster_settings(base: dict[str, Any]) -> No
 def test_render_config_clusters_do_not_share_objects(base: dict[str, Any]) -> None:
     config = render_config(base, _settings())
     ingest, aggregator = _cluster(config, "ingest"), _cluster(config, "aggregator")
-    ingest["health_checks"][0]["interval"] = "1s"
-    assert aggregator["health_checks"][0]["interval"] == "5s"
+    before = aggregator["health_checks"][0]["interval"]
+    ingest["health_checks"][0]["interval"] = "17s"
+    assert aggregator["health_checks"][0]["interval"] == before
+
+
+def test_base_config_cluster_stream_limit_is_the_services_limit(base: dict[str, Any]) -> None:
+    # Above the services' limit Envoy would send streams they refuse (503); below, it opens more
+    # connections than needed.
+    for name in CLUSTERS:
+        options = _cluster(base, name)["typed_extension_protocol_options"]
+        (http,) = options.values()
+        streams = http["explicit_http_config"]["http2_protocol_options"]["max_concurrent_streams"]
+        assert streams == MAX_STREAMS, name
+
+
+def test_base_config_refused_streams_and_failed_connections_retried(base: dict[str, Any]) -> None:
+    (listener,) = [entry for entry in base["static_resources"]["listeners"] if entry["name"] == "gateway"]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    (host,) = manager["route_config"]["virtual_hosts"]
+    assert set(host["retry_policy"]["retry_on"].split(",")) == {"refused-stream", "connect-failure"}
 
 
 def test_render_config_missing_upstream_raises_naming_cluster(base: dict[str, Any]) -> None:

@@ -460,6 +460,50 @@ def test_engine_warm_report_from_returns_values_equal_batch() -> None:
     assert all(v.final for v in reported)
 
 
+@pytest.mark.parametrize(
+    ("length", "held"),
+    [
+        (30, 30),
+        (DEFAULT_CHECKPOINTS, DEFAULT_CHECKPOINTS),
+        (DEFAULT_CHECKPOINTS + 1, DEFAULT_CHECKPOINTS + 1),  # one bar before: too few to open on
+        (400, DEFAULT_CHECKPOINTS),
+    ],
+)
+def test_engine_warm_report_revisable_returns_every_bar_a_revision_recomputes_in_place(
+    length: int, held: int
+) -> None:
+    bars = make_bars(length, seed=24)
+    engine = IndicatorEngine()
+    reported = engine.warm(SYMBOL, M1, bars, report_revisable=True)
+    state = engine.series_state(SYMBOL, M1)
+    assert state is not None
+    assert state.revisable_after == (None if held == length else bars[-held - 1].ts)
+    assert [v.ts for v in reported] == [b.ts for b in bars[-held:]]
+    assert rows(reported) == batch(bars)[-held:]
+    # With report_from too: the earlier of the two.
+    both = IndicatorEngine().warm(SYMBOL, M1, bars, report_from=bars[-3].ts, report_revisable=True)
+    assert both == reported
+
+
+@pytest.mark.parametrize("back", [1, 20, DEFAULT_CHECKPOINTS - 1, DEFAULT_CHECKPOINTS, 300])
+def test_engine_restart_after_a_revision_it_missed_reports_batch_values_of_every_later_bar(back: int) -> None:
+    bars = make_bars(500, seed=25)
+    stored = {v.ts: v for v in run(IndicatorEngine(), bars)}  # published before going down
+    pos = len(bars) - back
+    revised = moved(bars[pos], 150.0)
+    corrected = [*bars[:pos], revised, *bars[pos + 1 :]]
+    # Restarted: warmed from the stored bars, the revision included; then the feed replays it.
+    restarted = IndicatorEngine()
+    stored |= {v.ts: v for v in restarted.warm(SYMBOL, M1, corrected, report_revisable=True)}
+    try:
+        replayed = restarted.on_bar(revised)
+    except NeedsHistory:  # older than the checkpoints: rebuilt from storage, as the stage does
+        replayed = restarted.warm(SYMBOL, M1, corrected, report_from=revised.ts)
+    stored |= {v.ts: v for v in replayed}
+    assert rows([stored[b.ts] for b in corrected]) == batch(corrected)
+    assert stored[revised.ts].revision == 1
+
+
 def test_engine_warm_replaces_what_the_engine_held() -> None:
     engine = IndicatorEngine()
     run(engine, make_bars(200, seed=21))
