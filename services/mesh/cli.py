@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import grpc
 from google.protobuf import json_format
 from mt5.aggregator.v1 import aggregator_service_pb2 as aggregator_pb
 from mt5.aggregator.v1 import aggregator_service_pb2_grpc as aggregator_grpc
@@ -29,7 +30,7 @@ from services.common.channels import open_channel
 from services.common.logs import configure_logging
 from services.common.market import Timeframe
 from services.common.protoconv import timestamp
-from services.ingest.client import TickStreamer
+from services.ingest.client import RETRYABLE, TickStreamer
 from services.ingest.store import IngestStore
 from services.mesh.config import MeshConfig
 from services.mesh.gateway import GatewaySettings, load_base_config, render_config, write_config
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 SERVICES = ("ingest", "aggregator", "indicators", "inference")
 SHARDED = ("aggregator", "indicators")  # stateful per symbol
+WATCH_RECONNECTS = 10  # consecutive failed subscriptions before watch-candles gives up
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DESCRIPTOR = REPO_ROOT / "gen" / "mt5mesh.binpb"
 
@@ -89,6 +91,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     envoy_config = write_config(render_config(load_base_config(), settings), data_dir / "envoy.yaml")
     common = {"MT5MESH_API_KEY": key, "DATABASE_URL": args.database_url, "LOG_LEVEL": args.log_level}
+    # The whole mesh stops at once, gateway included: nobody is left to drain for.
+    common["MT5MESH_DRAIN_SECONDS"] = os.environ.get("MT5MESH_DRAIN_SECONDS", "0")
     if args.otlp_endpoint:
         common["OTEL_EXPORTER_OTLP_ENDPOINT"] = args.otlp_endpoint
     labels = {
@@ -193,18 +197,34 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 async def _watch_candles(args: argparse.Namespace, key: str) -> None:
-    request = aggregator_pb.SubscribeCandlesRequest(
-        symbols=args.symbol,
-        timeframes=list(args.timeframe),
-        from_cursor=args.from_cursor,
-        include_forming=args.forming,
-    )
+    """Print every bar; on a transient error, subscribe again after the last cursor printed."""
+    cursor, failures = args.from_cursor, 0
     async with open_channel(args.target, key) as channel:
-        async for item in aggregator_grpc.AggregatorServiceStub(channel).SubscribeCandles(request):
-            line = json_format.MessageToDict(
-                item, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        stub = aggregator_grpc.AggregatorServiceStub(channel)
+        while True:
+            request = aggregator_pb.SubscribeCandlesRequest(
+                symbols=args.symbol,
+                timeframes=list(args.timeframe),
+                from_cursor=cursor,
+                include_forming=args.forming,
             )
-            print(json.dumps(line), flush=True)
+            try:
+                async for item in stub.SubscribeCandles(request):
+                    line = json_format.MessageToDict(
+                        item, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+                    )
+                    print(json.dumps(line), flush=True)
+                    cursor, failures = item.cursor, 0
+            except grpc.aio.AioRpcError as exc:
+                failures += 1
+                if exc.code() not in RETRYABLE or failures > WATCH_RECONNECTS:
+                    raise
+                print(
+                    f"stream broke ({exc.code().name}: {exc.details()}); resuming after cursor {cursor}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                await asyncio.sleep(min(0.2 * 2**failures, 5.0))
 
 
 def cmd_watch_candles(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -166,16 +167,18 @@ def _alive(pid: int) -> bool:
 
 def _first_line(argv: list[str], within: float) -> dict[str, Any]:
     """Run a streaming command until it prints one line; return that line as JSON."""
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    timer = threading.Timer(within, proc.kill)
-    timer.start()
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-    finally:
-        timer.cancel()
-        proc.kill()
-        proc.wait()
-    assert line, f"no output within {within}s"
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        timer = threading.Timer(within, proc.kill)
+        timer.start()
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+        finally:
+            timer.cancel()
+            proc.kill()
+            proc.wait()
+        stderr.seek(0)
+        assert line, f"no output within {within}s (exit code {proc.returncode}): {stderr.read()[-2000:]}"
     parsed: dict[str, Any] = json.loads(line)
     return parsed

@@ -103,21 +103,38 @@ async def test_stream_ticks_client_killed_midstream_resends_and_stores_each_tick
 async def test_stream_ticks_server_killed_midstream_resumes_and_stores_each_tick_once(
     ingest: ServiceProcess, database_url: str
 ) -> None:
-    batches = make_batches(200, 100)
+    batches = make_batches(300, 100)
     streamer = TickStreamer(ingest.address, API_KEY, "feed-2", backoff_seconds=0.05, max_reconnects=50)
+    engine = db.create_db_engine(database_url)
+
+    def count() -> int:
+        with engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(ingest_ticks)).scalar_one())
+
+    sent = asyncio.Event()
 
     async def chaos() -> None:
+        seen = 0
         for _ in range(2):
-            await asyncio.sleep(0.4)
+            # Each kill lands mid-stream: once more ticks are stored than before it.
+            while (stored := await asyncio.to_thread(count)) <= seen:
+                if sent.is_set():
+                    return
+                await asyncio.sleep(0.01)
             ingest.kill()  # SIGKILL: whatever was in flight is lost unless committed
+            seen = stored
             await asyncio.to_thread(ingest.start)
 
-    chaos_task = asyncio.create_task(chaos())
-    report = await streamer.send(batches)
-    await chaos_task
+    try:
+        chaos_task = asyncio.create_task(chaos())
+        report = await streamer.send(batches)
+        sent.set()
+        await chaos_task
+    finally:
+        engine.dispose()
     total, keys = stored_ticks(database_url)
     assert report.reconnects >= 1
-    assert total == 200 * 100
+    assert total == 300 * 100
     assert keys == sent_keys(batches)
 
 
