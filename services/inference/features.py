@@ -34,11 +34,11 @@ def candle_features(inputs: Array) -> Array:
     close = inputs[:, _CLOSE]
     ma = np.full(n, np.nan)
     if n >= MA_PERIOD:
-        # Summed oldest first, one vector add per lag: the same order for every candle and any n.
-        total = np.zeros(n - MA_PERIOD + 1)
-        for lag in range(MA_PERIOD):
-            total += close[lag : n - MA_PERIOD + 1 + lag]
-        ma[MA_PERIOD - 1 :] = total / MA_PERIOD
+        # Each candle's 60 closes summed oldest first, one after the other (an accumulation is
+        # sequential, where a reduction may sum pairwise), so a candle's mean is the same bits for
+        # any n.
+        lagged = np.lib.stride_tricks.sliding_window_view(close, MA_PERIOD).T
+        ma[MA_PERIOD - 1 :] = np.add.accumulate(lagged, axis=0)[-1] / MA_PERIOD
     ret = np.full(n, np.nan)
     if n >= 2:
         ret[1:] = close[1:] / close[:-1] - 1.0
@@ -58,6 +58,40 @@ def feature_rows(inputs: Array, window: int) -> Array:
         windows = np.lib.stride_tricks.sliding_window_view(per_candle, (window, width))[:, 0]
         rows[window - 1 :] = windows.reshape(n - window + 1, window * width)
     return rows
+
+
+def last_row(inputs: Array, window: int) -> Array:
+    """``feature_rows(inputs, window)[-1]``, computed from the candles it needs only (the live path)."""
+    if inputs.shape[0] < window:
+        return np.full(window * len(FEATURES), np.nan)
+    needed = history_needed(window)
+    recent = inputs[-needed:]
+    padded = np.full((needed, inputs.shape[1]), np.nan)
+    padded[needed - recent.shape[0] :] = recent
+    row: Array = last_rows(padded[np.newaxis], window)[0]
+    return row
+
+
+def last_rows(windows: Array, window: int) -> Array:
+    """Many candles' feature rows at once, each from its own candles.
+
+    ``windows`` is ``(m, history_needed(window), len(INPUTS))``: row k of the result (``m`` rows of
+    ``window * len(FEATURES)``) is built from ``windows[k]``, whose last candle is the one scored.
+    Row k equals ``last_row(windows[k], window)`` bit for bit (the same sums in the same order), and
+    holds NaN wherever a candle is missing: pad a short history with NaN rows at the front.
+    """
+    m, needed, width = windows.shape
+    if needed != history_needed(window):
+        raise ValueError(f"windows must hold {history_needed(window)} candles, got {needed}")
+    close = windows[:, :, _CLOSE]
+    # Each of the last ``window`` candles' 60 closes, summed oldest first (as ``candle_features``).
+    lagged = np.lib.stride_tricks.sliding_window_view(close, MA_PERIOD, axis=1)
+    ma = np.add.accumulate(lagged, axis=2)[:, :, -1] / MA_PERIOD
+    ret = close[:, -window:] / close[:, -window - 1 : -1] - 1.0
+    per_candle = np.concatenate(
+        [windows[:, -window:, :], ma[:, :, np.newaxis], ret[:, :, np.newaxis]], axis=2
+    )
+    return per_candle.reshape(m, window * (width + 2))
 
 
 def complete(rows: Array) -> npt.NDArray[np.bool_]:

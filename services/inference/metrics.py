@@ -8,7 +8,10 @@ SIGNALS = Counter("mt5_inference_signals_total", "Signal versions committed.")
 ROWS_REJECTED = Counter(
     "mt5_inference_rows_rejected_total",
     "Candles that got no signal because their feature row could not reach the model.",
-    ["reason"],  # warming_up (not enough history or an indicator still warming up), non_finite
+    # warming_up (not enough history or an indicator still warming up); non_finite (a value the
+    # model cannot take: not finite in float32, or out of its range once standardized);
+    # model_changed (built for the model served before a new version of another width)
+    ["reason"],
 )
 MODELS_REFUSED = Counter(
     "mt5_inference_models_refused_total", "Model versions refused at load (tampered, pickled, malformed)."

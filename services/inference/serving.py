@@ -123,21 +123,28 @@ class _Request:
 
 
 class MicroBatcher:
-    """Scores rows from many callers together: one forward pass per batch."""
+    """Scores rows from many callers together: forward passes of at most ``max_batch`` rows."""
 
     def __init__(self, holder: ModelHolder, max_batch: int, max_wait_seconds: float, max_queue: int) -> None:
         self._holder = holder
         self.max_batch = max_batch
-        self._max_wait = max_wait_seconds
+        self.max_wait = max_wait_seconds
         self._queue: asyncio.Queue[_Request] = asyncio.Queue(max_queue)
 
-    async def submit(self, rows: npt.NDArray[np.float64]) -> asyncio.Future[Scored]:
-        """Queue finite rows of the served model's width (waits while the queue is full)."""
+    async def submit(
+        self, rows: npt.NDArray[np.float64], since: float | None = None
+    ) -> asyncio.Future[Scored]:
+        """Queue finite rows of the served model's width (waits while the queue is full).
+
+        ``since`` (event-loop time) is when the rows started waiting, if before now: a caller that
+        gathered them itself (the signal stage) has already spent part of the wait.
+        """
         model = self._holder.require()
         if rows.ndim != 2 or rows.shape[1] != model.manifest.n_inputs:
             raise ValueError(f"rows must have {model.manifest.n_inputs} values each")
-        future: asyncio.Future[Scored] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(rows, future, time.perf_counter()))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Scored] = loop.create_future()
+        await self._queue.put(_Request(rows, future, loop.time() if since is None else since))
         return future
 
     async def score(self, rows: npt.NDArray[np.float64]) -> Scored:
@@ -145,12 +152,16 @@ class MicroBatcher:
         return await (await self.submit(rows))
 
     async def run(self) -> None:
-        """Form and score batches, forever."""
+        """Form and score batches, forever.
+
+        A batch closes at ``max_batch`` rows or ``max_wait`` after its first row began waiting,
+        whichever comes first.
+        """
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
             size = len(batch[0].rows)
-            deadline = loop.time() + self._max_wait
+            deadline = batch[0].queued_at + self.max_wait
             while size < self.max_batch:
                 try:
                     request = self._queue.get_nowait()
@@ -164,9 +175,9 @@ class MicroBatcher:
                         break
                 batch.append(request)
                 size += len(request.rows)
-            self._score(batch)
+            self._score(batch, loop.time())
 
-    def _score(self, batch: list[_Request]) -> None:
+    def _score(self, batch: list[_Request], now: float) -> None:
         live = [r for r in batch if not r.future.done()]  # a caller that went away
         if not live:
             return
@@ -175,21 +186,32 @@ class MicroBatcher:
             for request in live:
                 request.future.set_exception(NoModel())
             return
-        started = time.perf_counter()
         rows = live[0].rows if len(live) == 1 else np.concatenate([r.rows for r in live])
         try:
-            probabilities = model.scorer.probabilities(rows)
+            probabilities = np.concatenate(
+                [
+                    self._forward(model, rows[i : i + self.max_batch])
+                    for i in range(0, len(rows), self.max_batch)
+                ]
+            )
         except Exception as exc:  # a broken model fails this batch's callers, not the service
             logger.exception("scoring failed")
             for request in live:
                 request.future.set_exception(exc)
             return
         labels = model.scorer.labels(probabilities)
-        metrics.BATCH_ROWS.observe(len(rows))
-        metrics.SCORE_SECONDS.observe(time.perf_counter() - started)
         start = 0
         for request in live:
             end = start + len(request.rows)
-            metrics.QUEUE_SECONDS.observe(started - request.queued_at)
+            metrics.QUEUE_SECONDS.observe(max(0.0, now - request.queued_at))
             request.future.set_result(Scored(probabilities[start:end], labels[start:end], model.version))
             start = end
+
+    @staticmethod
+    def _forward(model: LoadedModel, rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """One forward pass, measured."""
+        started = time.perf_counter()
+        probabilities = model.scorer.probabilities(rows)
+        metrics.BATCH_ROWS.observe(len(rows))
+        metrics.SCORE_SECONDS.observe(time.perf_counter() - started)
+        return probabilities

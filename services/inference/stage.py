@@ -1,18 +1,23 @@
 """The inference service as a stage: final indicator values in, one signal per final candle out.
 
 The stage follows the indicators service's feed of final values (the served model's timeframe)
-from its committed cursor. Each value updates its series' candle history, which gives the
-candle's feature row; rows go to the micro-batcher without waiting, so candles of many symbols
-arriving together are scored in one forward pass. Results are taken back in feed order, and the
-signals are committed with the cursor in one transaction, then published. A restart resumes
-after the committed cursor: the values re-delivered give the signals already stored, which are
-not logged again. A series' history is fetched from the indicators service the first time the
-stage sees it (or when a revision reaches further back than it holds).
+from its committed cursor. Each value updates its series' candle history and copies the candles
+its feature row needs into the open *burst*. A burst closes when it holds ``max_batch`` candles or
+``max_wait`` after its first one (the micro-batcher's settings), whichever comes first; then all
+its feature rows are built in one vectorised step (``features.last_rows``), checked, and handed to
+the micro-batcher as one request, so candles of many symbols arriving together cost one pass of
+numpy and one forward pass.
+Results are taken back in feed order, and the signals are committed with the cursor in one
+transaction, then published. A restart resumes after the committed cursor: the values re-delivered
+give the signals already stored, which are not logged again. A series' history is fetched from the
+indicators service the first time the stage sees it (or when a revision reaches further back than
+it holds).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -35,7 +40,7 @@ from services.inference import metrics
 from services.inference.config import InferenceConfig
 from services.inference.convert import inputs_from_pb
 from services.inference.domain import Inputs, SeriesHistory, Signal
-from services.inference.features import feature_rows, history_needed
+from services.inference.features import INPUTS, history_needed, last_rows
 from services.inference.serving import MicroBatcher, ModelHolder, Scored
 from services.inference.store import LoggedSignal, SignalStore, SignalWork
 
@@ -47,21 +52,44 @@ SeriesKey = tuple[str, Timeframe]
 
 
 @dataclasses.dataclass(slots=True)
-class _InFlight:
-    """A final candle on its way through the batcher, in feed order."""
+class _Candle:
+    """A final candle waiting for its signal, in feed order."""
 
     cursor: int
     symbol: str
-    timeframe: Timeframe
     ts: dt.datetime
     revision: int
-    row: npt.NDArray[np.float64] | None  # None: no signal (the row could not reach the model)
-    future: asyncio.Future[Scored] | None
     trace: SpanContext | None  # the span that applied the candle, when its values were traced
 
 
+class _Burst:
+    """Candles gathered for one vectorised step: each one's history window, in feed order."""
+
+    def __init__(self, timeframe: Timeframe, window: int, capacity: int) -> None:
+        self.timeframe = timeframe
+        self.window = window
+        self.candles: list[_Candle] = []
+        self.windows = np.empty((capacity, history_needed(window), len(INPUTS)))
+        self.started = 0.0  # event-loop time of the first candle
+
+    @property
+    def full(self) -> bool:
+        return len(self.candles) == len(self.windows)
+
+
+@dataclasses.dataclass(slots=True)
+class _Scoring:
+    """A closed burst on its way through the batcher."""
+
+    timeframe: Timeframe
+    candles: list[_Candle]
+    scored: npt.NDArray[np.intp]  # indexes of the candles whose rows went to the model
+    rows: npt.NDArray[np.float64]  # those rows, to score again if the forward pass fails
+    future: asyncio.Future[Scored] | None
+
+
 class InferenceStage:
-    """Runs the follow, collect and commit loops, and serves the signal feed."""
+    """Runs the follow, burst, collect and commit loops, and serves the signal feed."""
 
     def __init__(
         self,
@@ -77,10 +105,17 @@ class InferenceStage:
         self._holder = holder
         self._batcher = batcher
         self.committed = CommitSignal()
-        self._cursor = 0  # last input cursor handed to the batcher
+        self._cursor = 0  # last input cursor taken into a burst
         self._series: dict[SeriesKey, SeriesHistory] = {}
         self._shape: tuple[Timeframe, int] | None = None  # (timeframe, window) the histories serve
-        self._in_flight: asyncio.Queue[_InFlight] = asyncio.Queue(config.max_queue)
+        self._burst: _Burst | None = None  # the open one
+        self._burst_opened = asyncio.Event()
+        self._burst_full = asyncio.Event()
+        self._burst_room = asyncio.Event()
+        self._burst_room.set()
+        self._in_flight: asyncio.Queue[_Scoring] = asyncio.Queue(
+            max(1, config.max_queue // batcher.max_batch)
+        )
         self._pending = SignalWork()
         self._work_ready = asyncio.Event()
 
@@ -91,7 +126,7 @@ class InferenceStage:
 
     async def run(self) -> None:
         """Follow the indicators, score, and commit, until cancelled."""
-        await asyncio.gather(self._follow(), self._collect(), self._committer())
+        await asyncio.gather(self._follow(), self._bursts(), self._collect(), self._committer())
 
     async def _follow(self) -> None:
         backoff = 0.1
@@ -138,7 +173,6 @@ class InferenceStage:
     ) -> None:
         values = item.values
         symbol, ts = values.symbol, to_datetime(values.ts)
-        inputs = inputs_from_pb(values)
         needed = history_needed(window)
         key = (symbol, timeframe)
         series = self._series.get(key)
@@ -149,24 +183,67 @@ class InferenceStage:
                 series = self._series[key] = fetched
             else:  # a revision older than the history held: work on the fetched one only
                 series = fetched
-        series.put(ts, inputs)
-        candles = series.until(ts, needed)
-        row = feature_rows(candles, window)[-1]
-        future = None
-        # NaN: too little history, or a stored value missing (an indicator warming up).
-        if np.isnan(row).any():
-            metrics.ROWS_REJECTED.labels(reason="warming_up").inc()
-            row_or_none = None
-        elif not np.isfinite(row).all():
-            metrics.ROWS_REJECTED.labels(reason="non_finite").inc()
-            row_or_none = None
-        else:
-            row_or_none = row
-            future = await self._batcher.submit(row[np.newaxis, :])
-        await self._in_flight.put(
-            _InFlight(item.cursor, symbol, timeframe, ts, values.revision, row_or_none, future, traced)
-        )
+        series.put(ts, inputs_from_pb(values))
+        burst = await self._open_burst(timeframe, window)
+        series.window(ts, needed, burst.windows[len(burst.candles)])
+        burst.candles.append(_Candle(item.cursor, symbol, ts, values.revision, traced))
+        if burst.full:
+            self._burst_room.clear()
+            self._burst_full.set()
         self._cursor = item.cursor
+
+    async def _open_burst(self, timeframe: Timeframe, window: int) -> _Burst:
+        """The burst taking candles now (a new one when none is open)."""
+        await self._burst_room.wait()
+        burst = self._burst
+        if burst is None or (burst.timeframe, burst.window) != (timeframe, window):
+            if burst is not None and burst.candles:  # the model's shape changed: close it first
+                self._burst_room.clear()
+                self._burst_full.set()
+                await self._burst_room.wait()
+            burst = self._burst = _Burst(timeframe, window, self._batcher.max_batch)
+        if not burst.candles:
+            burst.started = asyncio.get_running_loop().time()
+            self._burst_opened.set()
+        return burst
+
+    async def _bursts(self) -> None:
+        """Close each burst when full or ``max_wait`` after its first candle, and send it to be scored."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._burst_opened.wait()
+            self._burst_opened.clear()
+            burst = self._burst
+            if burst is None or not burst.candles:
+                continue
+            remaining = burst.started + self._batcher.max_wait - loop.time()
+            if not burst.full and remaining > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._burst_full.wait(), remaining)
+            self._burst = None
+            self._burst_full.clear()
+            self._burst_room.set()
+            await self._in_flight.put(await self._score(burst))
+
+    async def _score(self, burst: _Burst) -> _Scoring:
+        """Build a burst's feature rows in one step, keep those the model can take, submit them."""
+        count = len(burst.candles)
+        rows = last_rows(burst.windows[:count], burst.window)
+        # NaN: too little history, or a stored value missing (an indicator warming up).
+        warming = np.isnan(rows).any(axis=1)
+        metrics.ROWS_REJECTED.labels(reason="warming_up").inc(int(warming.sum()))
+        scored = np.flatnonzero(~warming)
+        model = self._holder.require()
+        if rows.shape[1] != model.manifest.n_inputs:  # built for the model served before this one
+            metrics.ROWS_REJECTED.labels(reason="model_changed").inc(len(scored))
+            scored = scored[:0]
+        elif len(scored):
+            out_of_range = model.scorer.out_of_range(rows[scored]).any(axis=1)
+            metrics.ROWS_REJECTED.labels(reason="non_finite").inc(int(out_of_range.sum()))
+            scored = scored[~out_of_range]
+        chosen = rows[scored]
+        future = await self._batcher.submit(chosen, since=burst.started) if len(scored) else None
+        return _Scoring(burst.timeframe, burst.candles, scored, chosen, future)
 
     async def _history(
         self, symbol: str, timeframe: Timeframe, before: dt.datetime, count: int
@@ -181,37 +258,45 @@ class InferenceStage:
         return [(to_datetime(v.ts), inputs_from_pb(v)) for v in response.values]
 
     async def _collect(self) -> None:
-        """Take scored candles back in feed order and queue their signals for the committer."""
+        """Take scored bursts back in feed order and queue their signals for the committer."""
         while True:
             done = await self._in_flight.get()
-            if done.future is not None and done.row is not None:
-                scored = await self._scored(done.future, done.row)
-                self._pending.signals.append(
-                    Signal(
-                        done.symbol,
-                        done.timeframe,
-                        done.ts,
-                        float(scored.probabilities[0]),
-                        int(scored.labels[0]),
-                        scored.version,
-                        done.revision,
+            scored = None if done.future is None else await self._scored(done.future, done.rows)
+            if scored is not None:
+                probabilities = scored.probabilities.tolist()
+                labels = scored.labels.tolist()
+                for k, i in enumerate(done.scored.tolist()):
+                    candle = done.candles[i]
+                    self._pending.signals.append(
+                        Signal(
+                            candle.symbol,
+                            done.timeframe,
+                            candle.ts,
+                            probabilities[k],
+                            labels[k],
+                            scored.version,
+                            candle.revision,
+                        )
                     )
-                )
-            if done.trace is not None:
-                self._pending.traces.append(done.trace)
-            self._pending.cursor = done.cursor
+            self._pending.traces.extend(c.trace for c in done.candles if c.trace is not None)
+            self._pending.cursor = done.candles[-1].cursor
             self._work_ready.set()
 
-    async def _scored(self, future: asyncio.Future[Scored], row: npt.NDArray[np.float64]) -> Scored:
+    async def _scored(self, future: asyncio.Future[Scored], rows: npt.NDArray[np.float64]) -> Scored | None:
+        """The burst's scores; None when the model now served cannot take its rows (counted)."""
         delay = 0.1
         while True:
             try:
                 return await future
-            except Exception:  # the forward pass failed: score this row again, never skip it
+            except Exception:  # the forward pass failed: score these rows again, never skip them
                 logger.warning("scoring failed; retrying in %.1fs", delay, exc_info=True)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-                future = await self._batcher.submit(row[np.newaxis, :])
+                try:
+                    future = await self._batcher.submit(rows)
+                except ValueError:  # a model of another width replaced the one they were built for
+                    metrics.ROWS_REJECTED.labels(reason="model_changed").inc(len(rows))
+                    return None
 
     async def _committer(self) -> None:
         while True:

@@ -6,8 +6,10 @@ import datetime as dt
 import math
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from services.inference.domain import MAX_ROWS, SeriesHistory, row_violations
+from services.inference.domain import MAX_ROWS, SeriesHistory, range_violations, row_violations
 from services.inference.features import INPUTS
 
 T0 = dt.datetime(2025, 1, 6, tzinfo=dt.UTC)
@@ -59,3 +61,56 @@ def test_row_violations_empty_and_too_many_are_refused() -> None:
     too_many = row_violations([[0.0, 0.0]] * (MAX_ROWS + 1), 2, "rows[{i}].values")
     assert too_many[0].field == "rows"
     assert str(MAX_ROWS) in too_many[0].description
+
+
+def test_range_violations_name_each_bad_row_by_its_first_value() -> None:
+    rows = np.array([[1.0, 2.0, 3.0], [1.0, 1e35, 1e36], [1.0, 2.0, 3.0], [1e30, 2.0, 3.0]])
+    out = np.zeros(rows.shape, dtype=bool)
+    out[1, 1:] = True
+    out[3, 0] = True
+    found = {v.field: v.description for v in range_violations(rows, out, "rows[{i}].values")}
+    assert set(found) == {"rows[1].values[1]", "rows[3].values[0]"}
+    assert found["rows[1].values[1]"].startswith("out of range for the model: 1e+35")
+    assert range_violations(rows, np.zeros(rows.shape, dtype=bool), "row.values") == []
+
+
+@st.composite
+def _puts(draw: st.DrawFn) -> list[tuple[int, float]]:
+    """Candle minutes and values: mostly the next minute, sometimes a revision or a late one."""
+    minute, out = 0, []
+    for _ in range(draw(st.integers(0, 60))):
+        kind = draw(st.sampled_from(["next", "next", "next", "revise", "gap", "late"]))
+        if kind == "next":
+            minute += 1
+            at = minute
+        elif kind == "gap":
+            minute += draw(st.integers(2, 5))
+            at = minute
+        else:
+            at = minute - draw(st.integers(0, 8))
+        out.append((at, draw(st.floats(-1e3, 1e3))))
+    return out
+
+
+@given(puts=_puts(), keep=st.integers(1, 12), count=st.integers(1, 15))
+@settings(max_examples=300, deadline=None)
+def test_history_any_puts_equal_a_sorted_dict_of_the_newest_keep(
+    puts: list[tuple[int, float]], keep: int, count: int
+) -> None:
+    history = SeriesHistory(keep, [], from_start=True)
+    reference: dict[int, float] = {}
+    dropped = False
+    for at, x in puts:
+        history.put(_at(at), _inputs(x))
+        reference[at] = x
+        dropped |= len(reference) > keep
+        reference = dict(sorted(reference.items())[-keep:])
+    assert len(history) == len(reference)
+    for probe in {at for at, _ in puts} | {0, 100}:
+        before = [x for at, x in reference.items() if at <= probe][-count:]
+        assert np.array_equal(history.until(_at(probe), count)[:, 0], before)
+        out = np.empty((count, len(INPUTS)))
+        history.window(_at(probe), count, out)
+        expected = np.concatenate([np.full(count - len(before), np.nan), before])
+        assert np.array_equal(out[:, 0], expected, equal_nan=True)
+        assert history.covers(_at(probe)) == (not dropped or probe >= min(reference))

@@ -15,6 +15,8 @@ from services.inference.features import (
     complete,
     feature_rows,
     history_needed,
+    last_row,
+    last_rows,
     targets,
 )
 
@@ -58,7 +60,7 @@ def test_feature_rows_live_window_bit_identical_to_offline() -> None:
     offline = feature_rows(full, window)
     checked = 0
     for t in range(need - 1, full.shape[0]):
-        live = feature_rows(full[t - need + 1 : t + 1], window)[-1]
+        live = last_row(full[: t + 1], window)
         assert np.array_equal(offline[t], live)
         assert complete(live[None, :])[0]
         checked += 1
@@ -76,6 +78,15 @@ def test_feature_rows_any_history_length_bit_identical(data: st.DataObject, wind
     assert np.array_equal(offline, feature_rows(full[t - need + 1 : t + 1], window)[-1])
     # More history than needed changes nothing either.
     assert np.array_equal(offline, feature_rows(full[: t + 1], window)[-1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), window=st.integers(min_value=1, max_value=12))
+def test_last_row_any_history_length_equals_offline_row(data: st.DataObject, window: int) -> None:
+    # Short series (incomplete rows), missing values and more history than needed included.
+    n = data.draw(st.integers(min_value=1, max_value=history_needed(window) + 20))
+    inputs = data.draw(hnp.arrays(np.float64, (n, len(INPUTS)), elements=perturbed))
+    assert np.array_equal(last_row(inputs, window), feature_rows(inputs, window)[-1], equal_nan=True)
 
 
 def test_feature_rows_short_history_incomplete() -> None:
@@ -138,3 +149,24 @@ def test_targets_missing_close_unknown_not_down() -> None:
     out = targets(close, 1)
     assert np.isnan(out[:2]).all()
     assert np.array_equal(out[2:4], [1.0, 0.0])
+
+
+@given(data=st.data(), window=st.integers(1, 12))
+@settings(max_examples=100, deadline=None)
+def test_last_rows_padded_windows_equal_each_series_offline_row(data: st.DataObject, window: int) -> None:
+    needed = history_needed(window)
+    lengths = data.draw(st.lists(st.integers(1, needed + 20), min_size=1, max_size=6))
+    series = [
+        data.draw(hnp.arrays(np.float64, (n, len(INPUTS)), elements=st.floats(0.5, 2.0))) for n in lengths
+    ]
+    windows = np.full((len(series), needed, len(INPUTS)), np.nan)
+    for k, inputs in enumerate(series):
+        recent = inputs[-needed:]
+        windows[k, needed - len(recent) :] = recent
+    rows = last_rows(windows, window)
+    for k, inputs in enumerate(series):
+        offline = feature_rows(inputs, window)[-1]
+        if np.isnan(offline).any():  # too short: refused either way
+            assert np.isnan(rows[k]).any()
+        else:
+            assert np.array_equal(rows[k], offline)

@@ -11,6 +11,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from services.inference.registry import ModelRefused, ModelRegistry, sha256_of
 from services.inference.serving import MicroBatcher, ModelHolder, NoModel
@@ -196,3 +197,47 @@ async def test_batcher_forms_batches_no_larger_than_max_batch(tmp_path: pathlib.
     after = next(iter(metrics.BATCH_ROWS.collect())).samples
     batches = next(s.value for s in after if s.name.endswith("_count")) - count_before
     assert batches == 4  # 32 + 32 + 32 + 4: queued together, scored in full batches
+
+
+async def test_batcher_request_larger_than_max_batch_scored_in_passes_of_max_batch(
+    tmp_path: pathlib.Path,
+) -> None:
+    holder = ModelHolder(ModelRegistry(tmp_path), "signals")
+    save_model(tmp_path)
+    model = holder.find()
+    assert model is not None
+    holder.install(model)
+    rows = _rows(100, model.manifest.n_inputs)
+    count_before = REGISTRY.get_sample_value("mt5_inference_batch_size_count") or 0.0
+    batcher = MicroBatcher(holder, max_batch=32, max_wait_seconds=0.001, max_queue=10)
+    runner = asyncio.create_task(batcher.run())
+    try:
+        scored = await batcher.score(rows)
+    finally:
+        runner.cancel()
+    after = REGISTRY.get_sample_value("mt5_inference_batch_size_count") or 0.0
+    assert after - count_before == 4  # 32 + 32 + 32 + 4
+    np.testing.assert_allclose(scored.probabilities, model.scorer.probabilities(rows), rtol=0, atol=1e-6)
+
+
+async def test_batcher_rows_waiting_since_earlier_are_not_held_a_full_wait_again(
+    tmp_path: pathlib.Path,
+) -> None:
+    holder = ModelHolder(ModelRegistry(tmp_path), "signals")
+    save_model(tmp_path)
+    model = holder.find()
+    assert model is not None
+    holder.install(model)
+    # A wait of 30 s: rows that began waiting 30 s ago are scored at once, fresh ones are not.
+    batcher = MicroBatcher(holder, max_batch=512, max_wait_seconds=30.0, max_queue=10)
+    runner = asyncio.create_task(batcher.run())
+    loop = asyncio.get_running_loop()
+    try:
+        earlier = await batcher.submit(_rows(3, model.manifest.n_inputs), since=loop.time() - 30.0)
+        scored = await asyncio.wait_for(earlier, 5)
+        fresh = await batcher.submit(_rows(3, model.manifest.n_inputs))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(fresh), 0.2)
+    finally:
+        runner.cancel()
+    assert len(scored.probabilities) == 3
