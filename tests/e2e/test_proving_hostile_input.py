@@ -576,10 +576,6 @@ def _model_infer(hostile: Hostile, value: float) -> tuple[grpc.StatusCode, list[
     return grpc.StatusCode.OK, list(answer.outputs[0].contents.fp64_contents)
 
 
-def _xfail(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 @pytest.mark.parametrize(
     ("process", "path", "message"),
     [
@@ -712,14 +708,6 @@ def test_grpc_subscription_symbol_with_nul_invalid_argument(
     assert _first_answer(hostile, process, path, symbols) == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@_xfail(
-    "bug (minor, not in the services' code): a gRPC content type on a gRPC path with no length-prefixed "
-    "message (HTTP/1.1, empty body) reaches the service, whose grpc.aio server returns without any "
-    "status when a unary call's request stream ends with no message (grpc _cygrpc/aio/server.pyx.pxi "
-    "_handle_unary_unary_rpc: 'request_raw is None ... return'; no interceptor or handler runs), so "
-    "core resets the stream and Envoy answers grpc-status 14 UNAVAILABLE, which gRPC clients retry as "
-    "if the service were down; the fix is in Envoy's routes (gRPC paths only for HTTP/2 POST)"
-)
 @pytest.mark.parametrize("method", ["GET", "POST"])
 def test_grpc_content_type_without_a_message_not_answered_unavailable(hostile: Hostile, method: str) -> None:
     response = httpx.request(
@@ -729,8 +717,11 @@ def test_grpc_content_type_without_a_message_not_answered_unavailable(hostile: H
         content=b"" if method == "POST" else None,
         timeout=30,
     )
-    assert response.status_code < 500
-    assert response.headers.get("grpc-status") != "14", response.headers.get("grpc-message")
+    # Without the gateway's check, the service's grpc.aio server dropped such a call without a status
+    # and Envoy answered grpc-status 14 UNAVAILABLE, which gRPC clients retry as if it were down.
+    assert response.status_code == 200
+    assert response.headers.get("grpc-status") == "12", response.headers.get("grpc-message")
+    assert "HTTP/2 POST" in response.headers.get("grpc-message", "")
 
 
 def _stream_batch(source: str, sequence: int, symbol: str) -> ingest_service_pb2.StreamTicksRequest:
@@ -969,8 +960,9 @@ def test_pickled_model_version_refused_code_never_runs_previous_version_served(
 
 # --- the fuzz ---------------------------------------------------------------------------------------------
 #
-# Failures that a known bug explains (fuzz_client.KNOWN_BUGS, each pinned by a strict xfail above) are
-# counted, not fatal: the fuzz fails on anything else, and on any row a refused request left behind.
+# Failures that a known bug explains (fuzz_client.KNOWN_BUGS, each pinned by a strict xfail test; none is
+# open now) are counted, not fatal: the fuzz fails on anything else, and on any row a refused request
+# left behind.
 
 
 def _fuzz(hostile: Hostile, inputs: list[Any], timeout: float = 10.0) -> fuzz_client.Tally:
