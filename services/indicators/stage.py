@@ -13,8 +13,10 @@ of forming bars are live-only and go to the subscribers that asked for them thro
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import functools
+import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -38,6 +40,8 @@ from services.indicators.store import CANDLES_FEED, IndicatorStore, IndicatorWor
 
 logger = logging.getLogger(__name__)
 _PAGE = 10_000
+# Series whose stored bars are read ahead while one is being warmed at start.
+WARM_AHEAD = 8
 _T = TypeVar("_T")
 # Codes after which a read from the aggregator is tried again: it is away, restarting or overloaded.
 RETRYABLE = frozenset(
@@ -127,18 +131,36 @@ class IndicatorStage:
         # already published come back with the same revision and values and are not logged again.
         earlier = [c for k, c in stored.items() if k == CANDLES_FEED or k.startswith(f"{CANDLES_FEED}@")]
         self._cursor = stored.get(self._feed_key, min(earlier, default=0))
-        for symbol, timeframe, last in await asyncio.to_thread(self._store.series):
-            if self.owns(symbol):
-                # The aggregator may be down too (restarted together, a rollout): wait for it,
-                # NOT_SERVING meanwhile, rather than exit.
-                bars = await call_retrying(
-                    functools.partial(self._stored_bars, symbol, timeframe, until=last),
-                    f"warm-up read of {symbol} {timeframe.name}",
-                )
+        owned = [series for series in await asyncio.to_thread(self._store.series) if self.owns(series[0])]
+
+        async def fetch(symbol: str, timeframe: Timeframe, last: dt.datetime) -> list[Bar]:
+            # The aggregator may be down too (restarted together, a rollout): wait for it,
+            # NOT_SERVING meanwhile, rather than exit.
+            return await call_retrying(
+                functools.partial(self._stored_bars, symbol, timeframe, until=last),
+                f"warm-up read of {symbol} {timeframe.name}",
+            )
+
+        # Series are warmed one after the other, in a fixed order, while the bars of the next
+        # WARM_AHEAD are being read: the reads' round trips overlap the computing, and at most
+        # WARM_AHEAD series' bars wait in memory.
+        waiting = iter(owned)
+        ahead: collections.deque[tuple[str, Timeframe, asyncio.Future[list[Bar]]]] = collections.deque()
+        try:
+            while True:
+                for symbol, timeframe, last in itertools.islice(waiting, WARM_AHEAD - len(ahead)):
+                    ahead.append((symbol, timeframe, asyncio.ensure_future(fetch(symbol, timeframe, last))))
+                if not ahead:
+                    break
+                symbol, timeframe, fetched = ahead.popleft()
+                bars = await fetched
                 # The stored bars may hold revisions the feed has not brought yet; replayed, they
                 # change no prices and recompute nothing. So the values of every bar a revision
                 # could reach go out again now: the store logs only those that changed.
                 self._pending.values.extend(self.engine.warm(symbol, timeframe, bars, report_revisable=True))
+        finally:
+            for _, _, fetched in ahead:
+                fetched.cancel()
         if self._pending:
             self._work_ready.set()
         logger.info("indicators warm; resuming the candle feed after cursor %d", self._cursor)
