@@ -1406,11 +1406,9 @@ def parse_args(argv: Sequence[str] | None) -> Params:
     parser = argparse.ArgumentParser(
         prog="python -m bench.inference_bench", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--symbols", type=int, help="(a), (b), (v) symbols per burst (default 500)")
-    parser.add_argument("--minutes", type=int, help="(a), (b), (v) minutes measured (default 20)")
-    parser.add_argument(
-        "--warmup-minutes", type=int, default=2, help="(a), (b), (v) minutes before (default 2)"
-    )
+    parser.add_argument("--symbols", type=int, help="(a), (b) symbols per burst (default 500)")
+    parser.add_argument("--minutes", type=int, help="(a), (b) minutes measured (default 20)")
+    parser.add_argument("--warmup-minutes", type=int, default=2, help="(a), (b) minutes before (default 2)")
     parser.add_argument(
         "--repeats", type=int, help="runs of each in-process measurement, best kept (default 3)"
     )
