@@ -61,9 +61,10 @@ from bench.common import (
     machine_info,
     plain_url,
     postgres_pids,
+    publish,
+    scratch_folder,
     step,
     wait_for_quiet,
-    write_report,
 )
 from services.aggregator.bars import M1_US, AggregationSettings, Aggregator, to_us
 from services.common.channels import api_key_metadata
@@ -1418,33 +1419,18 @@ def run_all(params: Params, workdir: pathlib.Path) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     params = parse_args(argv)
     machine = machine_info()
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix="aggregator-bench-"))
     started = dt.datetime.now(dt.UTC)
-    ok = False
-    try:
+    with scratch_folder("aggregator-bench-") as workdir:
         results = run_all(params, workdir)
         figures, targets = evaluate(results, params)
-        output = params.output.resolve()
-        shown = str(output.relative_to(REPO)) if output.is_relative_to(REPO) else str(output)
-        report = {
-            "benchmark": "aggregator",
-            "timestamp": started.isoformat(timespec="seconds"),
-            "wall_seconds": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1),
+        parts = {
             "machine": machine,
-            "parameters": dataclasses.asdict(params) | {"output": shown, "lateness_us": params.lateness_us},
+            "parameters": dataclasses.asdict(params) | {"lateness_us": params.lateness_us},
             "results": results,
             "figures": figures,
             "targets": targets,
-            "output": shown,
         }
-        write_report(report, output)
-        print_table(report)
-        ok = True
-    finally:
-        if ok:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"logs kept in {workdir}", file=sys.stderr)
+        publish("aggregator", started, params.output, parts, print_table)
     return 0
 
 

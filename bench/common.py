@@ -8,17 +8,21 @@ PostgreSQL server that ``tests.helpers`` uses.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import pathlib
 import platform
 import re
 import resource
+import shutil
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -326,3 +330,42 @@ def write_report(report: dict[str, Any], output: pathlib.Path) -> None:
     tmp = output.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
     tmp.replace(output)
+
+
+@contextlib.contextmanager
+def scratch_folder(prefix: str) -> Iterator[pathlib.Path]:
+    """A benchmark's working folder (logs, databases): removed when it succeeds, kept and named if not."""
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield workdir
+    except BaseException:
+        print(f"logs kept in {workdir}", file=sys.stderr)
+        raise
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def publish(
+    benchmark: str,
+    started: dt.datetime,
+    output: pathlib.Path,
+    parts: dict[str, Any],
+    print_table: Callable[[dict[str, Any]], None],
+) -> None:
+    """Write a benchmark's report to ``output`` and print its table.
+
+    ``parts`` holds the report's own sections in order (``machine``, ``parameters``, ``results``,
+    ``figures``, ``targets``, ...); ``parameters`` gains the output path, shown relative to the
+    repository when it is inside it.
+    """
+    output = output.resolve()
+    shown = str(output.relative_to(helpers.REPO)) if output.is_relative_to(helpers.REPO) else str(output)
+    report = {
+        "benchmark": benchmark,
+        "timestamp": started.isoformat(timespec="seconds"),
+        "wall_seconds": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1),
+        **parts,
+        "output": shown,
+    }
+    report["parameters"] = report["parameters"] | {"output": shown}
+    write_report(report, output)
+    print_table(report)

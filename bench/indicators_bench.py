@@ -45,8 +45,6 @@ import datetime as dt
 import math
 import multiprocessing
 import pathlib
-import shutil
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -75,11 +73,12 @@ from bench.common import (
     metric_delta,
     plain_url,
     postgres_pids,
+    publish,
     scrape,
+    scratch_folder,
     stats_ms,
     step,
     wait_for_quiet,
-    write_report,
 )
 from services.aggregator.bars import M1_US, AggregationSettings, Bar, BarSource, to_us
 from services.aggregator.convert import bar_to_pb
@@ -1635,35 +1634,19 @@ def run_all(params: Params, workdir: pathlib.Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     params = parse_args(argv)
-    machine = machine_info()
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix="indicators-bench-"))
+    machine = machine_info() | {"talib": talib.__version__, "pandas": pd.__version__, "numpy": np.__version__}
     started = dt.datetime.now(dt.UTC)
-    ok = False
-    try:
+    with scratch_folder("indicators-bench-") as workdir:
         results = run_all(params, workdir)
         figures, targets = evaluate(results)
-        output = params.output.resolve()
-        shown = str(output.relative_to(REPO)) if output.is_relative_to(REPO) else str(output)
-        report = {
-            "benchmark": "indicators",
-            "timestamp": started.isoformat(timespec="seconds"),
-            "wall_seconds": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1),
-            "machine": machine
-            | {"talib": talib.__version__, "pandas": pd.__version__, "numpy": np.__version__},
-            "parameters": dataclasses.asdict(params) | {"output": shown, "lateness_us": params.lateness_us},
+        parts = {
+            "machine": machine,
+            "parameters": dataclasses.asdict(params) | {"lateness_us": params.lateness_us},
             "results": results,
             "figures": figures,
             "targets": targets,
-            "output": shown,
         }
-        write_report(report, output)
-        print_table(report)
-        ok = True
-    finally:
-        if ok:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"logs kept in {workdir}", file=sys.stderr)
+        publish("indicators", started, params.output, parts, print_table)
     return 0
 
 

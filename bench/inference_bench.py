@@ -45,8 +45,6 @@ import dataclasses
 import datetime as dt
 import math
 import pathlib
-import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -79,12 +77,13 @@ from bench.common import (
     machine_info,
     metric_delta,
     postgres_pids,
+    publish,
     scrape,
+    scratch_folder,
     stats_ms,
     status_kb,
     step,
     wait_for_quiet,
-    write_report,
 )
 from services.aggregator.bars import AggregationSettings
 from services.common.channels import api_key_metadata
@@ -1567,34 +1566,19 @@ def run_all(params: Params, workdir: pathlib.Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     params = parse_args(argv)
-    machine = machine_info()
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix="inference-bench-"))
+    machine = machine_info() | {"torch": torch.__version__, "numpy": np.__version__}
     started = dt.datetime.now(dt.UTC)
-    ok = False
-    try:
+    with scratch_folder("inference-bench-") as workdir:
         results = run_all(params, workdir)
         figures, targets = evaluate(results)
-        output = params.output.resolve()
-        shown = str(output.relative_to(REPO)) if output.is_relative_to(REPO) else str(output)
-        report = {
-            "benchmark": "inference",
-            "timestamp": started.isoformat(timespec="seconds"),
-            "wall_seconds": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1),
-            "machine": machine | {"torch": torch.__version__, "numpy": np.__version__},
-            "parameters": dataclasses.asdict(params) | {"output": shown},
+        parts = {
+            "machine": machine,
+            "parameters": dataclasses.asdict(params),
             "results": results,
             "figures": figures,
             "targets": targets,
-            "output": shown,
         }
-        write_report(report, output)
-        print_table(report)
-        ok = True
-    finally:
-        if ok:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"logs kept in {workdir}", file=sys.stderr)
+        publish("inference", started, params.output, parts, print_table)
     return 0
 
 

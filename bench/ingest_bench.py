@@ -57,10 +57,11 @@ from bench.common import (
     migrate_database,
     plain_url,
     postgres_pids,
+    publish,
     row_count,
+    scratch_folder,
     step,
     truncate_tables,
-    write_report,
 )
 from services.ingest.client import TickStreamer
 from tests import helpers
@@ -890,34 +891,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     params = parse_args(argv)
     client, client_description = pick_client(params.client)
     machine = machine_info()
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     started = dt.datetime.now(dt.UTC)
-    ok = False
-    try:
+    with scratch_folder("ingest-bench-") as workdir:
         results = run_all(params, client, workdir)
         figures, targets = evaluate(results)
-        output = params.output.resolve()
-        shown = str(output.relative_to(REPO)) if output.is_relative_to(REPO) else str(output)
-        report = {
-            "benchmark": "ingest",
-            "timestamp": started.isoformat(timespec="seconds"),
-            "wall_seconds": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1),
+        parts = {
             "machine": machine,
-            "parameters": dataclasses.asdict(params) | {"output": shown},
+            "parameters": dataclasses.asdict(params),
             "client": client_description,
             "results": results,
             "figures": figures,
             "targets": targets,
-            "output": shown,
         }
-        write_report(report, output)
-        print_table(report)
-        ok = True
-    finally:
-        if ok:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"logs kept in {workdir}", file=sys.stderr)
+        publish("ingest", started, params.output, parts, print_table)
     return 0
 
 

@@ -26,7 +26,6 @@ import datetime as dt
 import functools
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -38,10 +37,11 @@ from bench.common import (
     ScenarioFailed,
     machine_info,
     postgres_pids,
+    publish,
     row_count,
+    scratch_folder,
     step,
     truncate_tables,
-    write_report,
 )
 from bench.ingest_bench import batched, make_ticks, tick_pb
 from services.ingest.client import TickStreamer
@@ -259,32 +259,19 @@ def run_all(params: Params, workdir: pathlib.Path) -> dict[str, list[dict[str, A
 def main(argv: Sequence[str] | None = None) -> int:
     params = parse_args(argv)
     machine = machine_info()
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix="tracing-bench-"))
     started = dt.datetime.now(dt.UTC)
-    try:
+    with scratch_folder("tracing-bench-") as workdir:
         runs = run_all(params, workdir)
-    except Exception:
-        print(f"failed; the service logs are in {workdir}", file=sys.stderr)
-        raise
     figures, targets = summarize(runs)
-    output = params.output.resolve()
-    report = {
-        "benchmark": "tracing",
-        "timestamp": started.isoformat(timespec="seconds"),
-        "wall_seconds": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1),
+    parts = {
         "machine": machine,
-        "parameters": {
-            **dataclasses.asdict(params),
-            "output": str(output.relative_to(REPO)) if output.is_relative_to(REPO) else str(output),
-        },
+        "parameters": dataclasses.asdict(params),
         "variants": {name: {"what": what, "ingest_env": env} for name, (what, env) in VARIANTS.items()},
         "runs": runs,
         "figures": figures,
         "targets": targets,
-        "output": str(output),
     }
-    write_report(report, output)
-    print_table(report)
+    publish("tracing", started, params.output, parts, print_table)
     return 0
 
 

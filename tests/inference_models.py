@@ -9,7 +9,8 @@ import torch
 
 from services.inference.features import FEATURES
 from services.inference.model import SignalNet
-from services.inference.registry import Manifest, ModelRegistry
+from services.inference.registry import LoadedModel, Manifest, ModelRegistry
+from services.inference.serving import ModelHolder
 
 
 def save_model(
@@ -49,3 +50,13 @@ def save_model(
         torch_version="",
     )
     return ModelRegistry(root).save(net, manifest)
+
+
+def served(root: pathlib.Path, *, window: int = 3) -> tuple[ModelHolder, LoadedModel]:
+    """A holder serving a freshly saved model of ``window`` candles, loaded as the service loads it."""
+    save_model(root, window=window)
+    holder = ModelHolder(ModelRegistry(root), "signals")
+    model = holder.find()
+    assert model is not None, holder.refused
+    holder.install(model)
+    return holder, model

@@ -660,51 +660,52 @@ def test_grpc_request_that_does_not_parse_invalid_argument_naming_the_field(
     assert (failed.value.details() or "").startswith(f"{field}: ")
 
 
-@pytest.mark.parametrize(
-    ("process", "path", "field"),
-    [
-        ("ingest", "/mt5.ingest.v1.IngestService/SubscribeTicks", 1),
-        ("ingest", "/mt5.ingest.v1.IngestService/SubscribeCandles", 1),
-        ("aggregator", "/mt5.aggregator.v1.AggregatorService/SubscribeCandles", 3),
-        ("indicators", "/mt5.indicators.v1.IndicatorsService/SubscribeIndicators", 3),
-        ("inference", "/mt5.inference.v1.InferenceService/SubscribeSignals", 3),
-    ],
-    ids=[
-        "SubscribeTicks",
-        "ingest.SubscribeCandles",
-        "aggregator.SubscribeCandles",
-        "SubscribeIndicators",
-        "SubscribeSignals",
-    ],
-)
-def test_grpc_cursor_beyond_int64_refused_or_streams(
-    hostile: Hostile, process: str, path: str, field: int
-) -> None:
-    cursor = bytes([field << 3]) + b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"  # from_cursor = 2**64 - 1
+# Each subscription method: its process, its path and its request message (for the fields' numbers).
+SUBSCRIPTIONS: dict[str, tuple[str, str, Any]] = {
+    "SubscribeTicks": (
+        "ingest",
+        "/mt5.ingest.v1.IngestService/SubscribeTicks",
+        ingest_service_pb2.SubscribeTicksRequest,
+    ),
+    "ingest.SubscribeCandles": (
+        "ingest",
+        "/mt5.ingest.v1.IngestService/SubscribeCandles",
+        ingest_service_pb2.SubscribeCandlesRequest,
+    ),
+    "aggregator.SubscribeCandles": (
+        "aggregator",
+        "/mt5.aggregator.v1.AggregatorService/SubscribeCandles",
+        aggregator_service_pb2.SubscribeCandlesRequest,
+    ),
+    "SubscribeIndicators": (
+        "indicators",
+        "/mt5.indicators.v1.IndicatorsService/SubscribeIndicators",
+        indicators_service_pb2.SubscribeIndicatorsRequest,
+    ),
+    "SubscribeSignals": (
+        "inference",
+        "/mt5.inference.v1.InferenceService/SubscribeSignals",
+        inference_service_pb2.SubscribeSignalsRequest,
+    ),
+}
+
+
+def _tag(request: Any, field: str, wire_type: int) -> bytes:
+    """The one-byte protobuf tag of ``field`` in the request message."""
+    return bytes([request.DESCRIPTOR.fields_by_name[field].number << 3 | wire_type])
+
+
+@pytest.mark.parametrize("name", list(SUBSCRIPTIONS))
+def test_grpc_cursor_beyond_int64_refused_or_streams(hostile: Hostile, name: str) -> None:
+    process, path, request = SUBSCRIPTIONS[name]
+    cursor = _tag(request, "from_cursor", 0) + b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"  # 2**64 - 1
     assert _first_answer(hostile, process, path, cursor) in (None, grpc.StatusCode.INVALID_ARGUMENT)
 
 
-@pytest.mark.parametrize(
-    ("process", "path", "field"),
-    [
-        ("ingest", "/mt5.ingest.v1.IngestService/SubscribeTicks", 2),
-        ("ingest", "/mt5.ingest.v1.IngestService/SubscribeCandles", 2),
-        ("aggregator", "/mt5.aggregator.v1.AggregatorService/SubscribeCandles", 1),
-        ("indicators", "/mt5.indicators.v1.IndicatorsService/SubscribeIndicators", 1),
-        ("inference", "/mt5.inference.v1.InferenceService/SubscribeSignals", 1),
-    ],
-    ids=[
-        "SubscribeTicks",
-        "ingest.SubscribeCandles",
-        "aggregator.SubscribeCandles",
-        "SubscribeIndicators",
-        "SubscribeSignals",
-    ],
-)
-def test_grpc_subscription_symbol_with_nul_invalid_argument(
-    hostile: Hostile, process: str, path: str, field: int
-) -> None:
-    symbols = bytes([field << 3 | 2, 7]) + b"EUR\x00USD"  # symbols = ["EUR\0USD"]
+@pytest.mark.parametrize("name", list(SUBSCRIPTIONS))
+def test_grpc_subscription_symbol_with_nul_invalid_argument(hostile: Hostile, name: str) -> None:
+    process, path, request = SUBSCRIPTIONS[name]
+    symbols = _tag(request, "symbols", 2) + bytes([7]) + b"EUR\x00USD"  # symbols = ["EUR\0USD"]
     assert _first_answer(hostile, process, path, symbols) == grpc.StatusCode.INVALID_ARGUMENT
 
 

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 
 from services.inference.registry import ModelRefused, ModelRegistry, sha256_of
 from services.inference.serving import MicroBatcher, ModelHolder, NoModel
-from tests.inference_models import save_model
+from tests.inference_models import save_model, served
 
 
 def _rows(n: int, width: int, seed: int = 1) -> np.ndarray:
@@ -141,11 +141,7 @@ async def test_holder_only_tampered_version_serves_nothing(tmp_path: pathlib.Pat
 
 
 async def test_batcher_batched_scores_equal_one_row_at_a_time(tmp_path: pathlib.Path) -> None:
-    holder = ModelHolder(ModelRegistry(tmp_path), "signals")
-    save_model(tmp_path, window=3)
-    model = holder.find()
-    assert model is not None
-    holder.install(model)
+    holder, model = served(tmp_path, window=3)
     width = model.manifest.n_inputs
     rows = _rows(300, width)
     batcher = MicroBatcher(holder, max_batch=128, max_wait_seconds=0.05, max_queue=1000)
@@ -167,11 +163,7 @@ async def test_batcher_batched_scores_equal_one_row_at_a_time(tmp_path: pathlib.
 
 
 async def test_batcher_rows_of_wrong_width_are_refused(tmp_path: pathlib.Path) -> None:
-    holder = ModelHolder(ModelRegistry(tmp_path), "signals")
-    save_model(tmp_path)
-    model = holder.find()
-    assert model is not None
-    holder.install(model)
+    holder, model = served(tmp_path)
     batcher = MicroBatcher(holder, max_batch=8, max_wait_seconds=0.001, max_queue=8)
     with pytest.raises(ValueError, match=f"{model.manifest.n_inputs} values"):
         await batcher.submit(np.zeros((1, 5)))
@@ -180,11 +172,7 @@ async def test_batcher_rows_of_wrong_width_are_refused(tmp_path: pathlib.Path) -
 async def test_batcher_forms_batches_no_larger_than_max_batch(tmp_path: pathlib.Path) -> None:
     from services.inference import metrics
 
-    holder = ModelHolder(ModelRegistry(tmp_path), "signals")
-    save_model(tmp_path)
-    model = holder.find()
-    assert model is not None
-    holder.install(model)
+    holder, model = served(tmp_path)
     before = next(iter(metrics.BATCH_ROWS.collect())).samples
     count_before = next(s.value for s in before if s.name.endswith("_count"))
     batcher = MicroBatcher(holder, max_batch=32, max_wait_seconds=0.05, max_queue=1000)
@@ -202,11 +190,7 @@ async def test_batcher_forms_batches_no_larger_than_max_batch(tmp_path: pathlib.
 async def test_batcher_request_larger_than_max_batch_scored_in_passes_of_max_batch(
     tmp_path: pathlib.Path,
 ) -> None:
-    holder = ModelHolder(ModelRegistry(tmp_path), "signals")
-    save_model(tmp_path)
-    model = holder.find()
-    assert model is not None
-    holder.install(model)
+    holder, model = served(tmp_path)
     rows = _rows(100, model.manifest.n_inputs)
     count_before = REGISTRY.get_sample_value("mt5_inference_batch_size_count") or 0.0
     batcher = MicroBatcher(holder, max_batch=32, max_wait_seconds=0.001, max_queue=10)
@@ -223,11 +207,7 @@ async def test_batcher_request_larger_than_max_batch_scored_in_passes_of_max_bat
 async def test_batcher_rows_waiting_since_earlier_are_not_held_a_full_wait_again(
     tmp_path: pathlib.Path,
 ) -> None:
-    holder = ModelHolder(ModelRegistry(tmp_path), "signals")
-    save_model(tmp_path)
-    model = holder.find()
-    assert model is not None
-    holder.install(model)
+    holder, model = served(tmp_path)
     # A wait of 30 s: rows that began waiting 30 s ago are scored at once, fresh ones are not.
     batcher = MicroBatcher(holder, max_batch=512, max_wait_seconds=30.0, max_queue=10)
     runner = asyncio.create_task(batcher.run())

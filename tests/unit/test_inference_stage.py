@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import pathlib
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import grpc
 import numpy as np
@@ -25,11 +26,10 @@ from services.common.protoconv import timestamp
 from services.inference.config import InferenceConfig
 from services.inference.domain import SeriesHistory, Signal
 from services.inference.features import INPUTS, history_needed, last_row
-from services.inference.registry import ModelRegistry
 from services.inference.serving import MicroBatcher, ModelHolder
 from services.inference.stage import REVISION_SLACK, InferenceStage
 from services.inference.store import SignalStore
-from tests.inference_models import save_model
+from tests.inference_models import served
 
 WINDOW = 3
 NEEDED = history_needed(WINDOW)
@@ -63,7 +63,7 @@ def _message(symbol: str, minute: int, values: np.ndarray, cursor: int) -> ind_p
 
 
 class _Running:
-    """A stage with its burst and collect loops running; ``signals()`` waits for what it committed."""
+    """A stage with its burst and collect loops running; ``work()`` waits for what it would commit."""
 
     def __init__(self, stage: InferenceStage, batcher: MicroBatcher) -> None:
         self.stage = stage
@@ -88,18 +88,25 @@ class _Running:
 
 @pytest.fixture
 async def holder(tmp_path: pathlib.Path) -> ModelHolder:
-    save_model(tmp_path, window=WINDOW)
-    held = ModelHolder(ModelRegistry(tmp_path), "signals")
-    model = held.find()
-    assert model is not None
-    held.install(model)
-    return held
+    return served(tmp_path, window=WINDOW)[0]
+
+
+class Start(Protocol):
+    """Starts a stage holding ``history`` candles of each symbol of ``market``."""
+
+    def __call__(self, market: np.ndarray, history: int, max_batch: int, max_wait: float) -> _Running: ...
 
 
 @pytest.fixture
-async def started(holder: ModelHolder) -> AsyncIterator[tuple[ModelHolder, list[_Running]]]:
+async def start(holder: ModelHolder) -> AsyncIterator[Start]:
+    """Start a stage: ``start(market, history held, max_batch, max_wait)``; stopped after the test."""
     running: list[_Running] = []
-    yield holder, running
+
+    def start_stage(market: np.ndarray, history: int, max_batch: int, max_wait: float) -> _Running:
+        running.append(_Running(*_stage(holder, market, history, max_batch, max_wait)))
+        return running[-1]
+
+    yield start_stage
     for r in running:
         await r.stop()
 
@@ -144,13 +151,11 @@ def _warming_up() -> float:
 
 
 async def test_stage_minutes_of_many_symbols_scored_in_bursts_equal_each_candle_alone(
-    started: tuple[ModelHolder, list[_Running]],
+    holder: ModelHolder, start: Start
 ) -> None:
-    holder, running = started
     market = _market(NEEDED + 6)
-    stage, batcher = _stage(holder, market, NEEDED, max_batch=64, max_wait=0.05)
-    run = _Running(stage, batcher)
-    running.append(run)
+    run = start(market, NEEDED, max_batch=64, max_wait=0.05)
+    stage = run.stage
     passes_before = _batches()
     cursor = 0
     expected = []
@@ -168,13 +173,11 @@ async def test_stage_minutes_of_many_symbols_scored_in_bursts_equal_each_candle_
 
 
 async def test_stage_max_batch_1_scores_every_candle_in_its_own_pass(
-    started: tuple[ModelHolder, list[_Running]],
+    holder: ModelHolder, start: Start
 ) -> None:
-    holder, running = started
     market = _market(NEEDED + 2)
-    stage, batcher = _stage(holder, market, NEEDED, max_batch=1, max_wait=0.05)
-    run = _Running(stage, batcher)
-    running.append(run)
+    run = start(market, NEEDED, max_batch=1, max_wait=0.05)
+    stage = run.stage
     passes_before = _batches()
     for i, symbol in enumerate(SYMBOLS):
         await stage._apply(_message(symbol, NEEDED, market[i, NEEDED], i + 1), Timeframe.M1, WINDOW)
@@ -183,14 +186,10 @@ async def test_stage_max_batch_1_scores_every_candle_in_its_own_pass(
     assert _batches() - passes_before == len(SYMBOLS)
 
 
-async def test_stage_lone_candle_closes_its_burst_after_max_wait(
-    started: tuple[ModelHolder, list[_Running]],
-) -> None:
-    holder, running = started
+async def test_stage_lone_candle_closes_its_burst_after_max_wait(holder: ModelHolder, start: Start) -> None:
     market = _market(NEEDED + 1)
-    stage, batcher = _stage(holder, market, NEEDED, max_batch=512, max_wait=0.02)
-    run = _Running(stage, batcher)
-    running.append(run)
+    run = start(market, NEEDED, max_batch=512, max_wait=0.02)
+    stage = run.stage
     await stage._apply(_message("AAA", NEEDED, market[0, NEEDED], 7), Timeframe.M1, WINDOW)
     signals, cursor = await run.work(7)  # far fewer than 512 candles: the wait closes the burst
     assert cursor == 7
@@ -199,13 +198,11 @@ async def test_stage_lone_candle_closes_its_burst_after_max_wait(
 
 
 async def test_stage_short_history_gets_no_signal_counted_and_cursor_moves_on(
-    started: tuple[ModelHolder, list[_Running]],
+    holder: ModelHolder, start: Start
 ) -> None:
-    holder, running = started
     market = _market(NEEDED + 1)
-    stage, batcher = _stage(holder, market, NEEDED - 5, max_batch=64, max_wait=0.01)
-    run = _Running(stage, batcher)
-    running.append(run)
+    run = start(market, NEEDED - 5, max_batch=64, max_wait=0.01)
+    stage = run.stage
     before = _warming_up()
     # Minute NEEDED - 5 follows the history held; its row lacks 60 closes for ma60: warming up.
     for i, symbol in enumerate(SYMBOLS):
