@@ -20,8 +20,9 @@ broker whose server time is not UTC — so the clock may close the bars of a qui
 never makes a tick too old to apply. When ticks arrive again the clock's horizon is withdrawn: a
 feed that resumes after a pause (or after a restart) goes on where it stopped, and whatever the
 clock closed meanwhile is revised by the ticks that belong to it. For the same reason bars leave
-memory by the tick horizon's retention window (the wall clock's only for a symbol without ticks),
-which is also what a restart restores.
+memory by the tick horizon's retention window, which is also what a restart restores; a symbol
+without ticks (EA candles only) keeps the window before its newest EA bar or the wall clock's,
+whichever is later, so its memory stays bounded even while the clock waits for a tick backlog.
 
 EA candles (the broker's bars) take precedence over computed bars of the same key, are final as
 posted, and roll up like any other bar; a changed re-post is a revision. When an EA bar and the bar
@@ -243,6 +244,7 @@ class SymbolBars:
         self.open: dict[Timeframe, set[int]] = {tf: set() for tf in Timeframe}
         self._pruned_below = -(2**62)  # the retention edge of the last pruning
         self.latest_tick_us: int | None = None
+        self.latest_ea_end_us: int | None = None  # end of the newest EA bar
         self.clock_us: int | None = None
         self.late_dropped = 0
         self.last_cursor = 0  # the highest input cursor applied
@@ -264,15 +266,15 @@ class SymbolBars:
     def retention_edge_us(self) -> int | None:
         """Final bars ending before this are no longer revisable: dropped from memory, their ticks too.
 
-        Measured from the tick horizon; from the clock's only for a symbol that has had no tick.
+        Measured from the tick horizon; for a symbol that has had no tick, from the later of its
+        newest EA bar's end and the clock's horizon.
         """
         if self.latest_tick_us is not None:
-            base = self.latest_tick_us - self._lateness
-        elif self.clock_us is not None:
-            base = self.clock_us - self._grace
-        else:
-            return None
-        return base - self._retention
+            return self.latest_tick_us - self._lateness - self._retention
+        candidates = [] if self.latest_ea_end_us is None else [self.latest_ea_end_us]
+        if self.clock_us is not None:
+            candidates.append(self.clock_us - self._grace)
+        return max(candidates) - self._retention if candidates else None
 
     # --- inputs ---------------------------------------------------------------------------------
 
@@ -348,7 +350,10 @@ class SymbolBars:
             end - 1,
         )
         self._set_final(candle.timeframe, slot)
-        return self._settle({(candle.timeframe, start)})
+        self.latest_ea_end_us = end if self.latest_ea_end_us is None else max(self.latest_ea_end_us, end)
+        out = self._settle({(candle.timeframe, start)})
+        self._prune()
+        return out
 
     def advance_clock(self, now_us: int) -> Emitted:
         """The wall clock: bars of a quiet market become final after their end plus the grace.
@@ -526,6 +531,7 @@ class SymbolBars:
             values = bar.state.copy()
             if bar.source is BarSource.EA:
                 slot.ea = values
+                self.latest_ea_end_us = max(end, self.latest_ea_end_us or end)
             else:
                 slot.computed = values
             slot.revision = bar.revision
@@ -564,6 +570,7 @@ class SymbolBars:
             values = bar.state.copy()
             if bar.source is BarSource.EA:
                 slot.ea = values
+                self.latest_ea_end_us = max(end, self.latest_ea_end_us or end)
             else:
                 slot.computed = values
             slot.revision = bar.revision

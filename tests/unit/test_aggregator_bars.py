@@ -315,6 +315,20 @@ def test_aggregator_restored_symbol_waits_a_grace_before_the_clock_closes_its_ba
         assert (bar.open, bar.high, bar.low, bar.close) == values[:4], key
 
 
+def test_aggregator_ea_only_symbol_without_clock_keeps_only_its_retention_window() -> None:
+    # EA candles and no tick, with the clock never advancing (as while the aggregator works through a
+    # tick backlog): bars older than the retention window before the newest EA bar leave memory.
+    agg = Aggregator()
+    start = dt.datetime(2025, 10, 20, tzinfo=dt.UTC)
+    for m in range(6 * 60):
+        agg.add_ea_candle(ea(1.1, ts=start + dt.timedelta(minutes=m)))
+    held = agg.symbols["X"].slots[Timeframe.M1]
+    retention_minutes = agg.settings.retention // dt.timedelta(minutes=1)
+    assert retention_minutes < len(held) <= retention_minutes + 2  # pruned once per minute
+    assert not agg.is_live("X", Timeframe.M1, start)
+    assert agg.is_live("X", Timeframe.M1, start + dt.timedelta(minutes=6 * 60 - 1))
+
+
 def test_aggregator_tick_for_ea_bar_the_clock_pruned_is_dropped_not_started_afresh() -> None:
     agg = Aggregator()
     agg.add_ea_candle(ea(1.1))
