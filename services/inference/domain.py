@@ -88,11 +88,6 @@ class SeriesHistory:
         out[count - held :] = self._values[self._start + end - held : self._start + end]
         out[: count - held] = np.nan
 
-    def until(self, ts: dt.datetime, count: int) -> Array:
-        """The last ``count`` candles at or before ``ts``, oldest first, as an ``(n, len(INPUTS))`` array."""
-        end = bisect.bisect_right(self._times, ts)
-        return self._values[self._start + max(0, end - count) : self._start + end].copy()
-
     def __len__(self) -> int:
         return len(self._times)
 

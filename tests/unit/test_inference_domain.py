@@ -23,18 +23,23 @@ def _inputs(x: float) -> tuple[float, ...]:
     return tuple(x for _ in INPUTS)
 
 
-def test_history_until_returns_the_last_candles_at_or_before_oldest_first() -> None:
+def _window(history: SeriesHistory, ts: dt.datetime, count: int) -> np.ndarray:
+    out = np.empty((count, len(INPUTS)))
+    history.window(ts, count, out)
+    return out
+
+
+def test_history_window_holds_the_last_candles_at_or_before_oldest_first() -> None:
     history = SeriesHistory(10, [(_at(i), _inputs(i)) for i in range(5)], from_start=True)
-    got = history.until(_at(3), 2)
-    assert got.shape == (2, len(INPUTS))
-    assert np.array_equal(got[:, 0], [2.0, 3.0])
+    assert np.array_equal(_window(history, _at(3), 2)[:, 0], [2.0, 3.0])
+    assert np.array_equal(_window(history, _at(1), 4)[:, 0], [np.nan, np.nan, 0.0, 1.0], equal_nan=True)
 
 
 def test_history_revision_replaces_the_candle_at_the_same_time() -> None:
     history = SeriesHistory(10, [(_at(i), _inputs(i)) for i in range(5)], from_start=True)
     history.put(_at(2), _inputs(20))
     assert len(history) == 5
-    assert np.array_equal(history.until(_at(4), 5)[:, 0], [0.0, 1.0, 20.0, 3.0, 4.0])
+    assert np.array_equal(_window(history, _at(4), 5)[:, 0], [0.0, 1.0, 20.0, 3.0, 4.0])
 
 
 def test_history_trimmed_past_keep_no_longer_covers_older_times() -> None:
@@ -45,7 +50,7 @@ def test_history_trimmed_past_keep_no_longer_covers_older_times() -> None:
     assert len(history) == 3
     assert not history.covers(_at(1))
     assert history.covers(_at(2))
-    assert np.array_equal(history.until(_at(9), 10)[:, 0], [2.0, 3.0, 4.0])
+    assert np.array_equal(_window(history, _at(9), 3)[:, 0], [2.0, 3.0, 4.0])
 
 
 def test_row_violations_name_the_row_and_value() -> None:
@@ -108,9 +113,6 @@ def test_history_any_puts_equal_a_sorted_dict_of_the_newest_keep(
     assert len(history) == len(reference)
     for probe in {at for at, _ in puts} | {0, 100}:
         before = [x for at, x in reference.items() if at <= probe][-count:]
-        assert np.array_equal(history.until(_at(probe), count)[:, 0], before)
-        out = np.empty((count, len(INPUTS)))
-        history.window(_at(probe), count, out)
         expected = np.concatenate([np.full(count - len(before), np.nan), before])
-        assert np.array_equal(out[:, 0], expected, equal_nan=True)
+        assert np.array_equal(_window(history, _at(probe), count)[:, 0], expected, equal_nan=True)
         assert history.covers(_at(probe)) == (not dropped or probe >= min(reference))
