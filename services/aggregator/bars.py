@@ -8,8 +8,9 @@ open, highest high, lowest low, last close, summed volume, spread as a tick-weig
 by averaging values across timeframes.
 
 Lifecycle. A bar is *forming* until the symbol's horizon passes its end, then *final*. The horizon
-is the later of the *tick horizon* — the latest tick time minus the allowed lateness — and, while
-the market is quiet (no tick has arrived for a grace period), the wall clock minus that grace. A
+is the later of the *tick horizon* — the latest tick time minus the allowed lateness (for a symbol
+that has had no tick: the end of its newest EA bar) — and, while the market is quiet (no tick has
+arrived for a grace period), the wall clock minus that grace. A
 tick arriving for a final bar revises it (``revision`` + 1) and every final bar above it, whether
 the tick horizon or the clock closed it, as long as the bar ends within the retention window
 before the tick horizon; an older tick is counted and dropped.
@@ -254,10 +255,17 @@ class SymbolBars:
 
     @property
     def horizon_us(self) -> int | None:
-        """Bars ending at or before this are final."""
+        """Bars ending at or before this are final.
+
+        For a symbol without ticks, the newest EA bar's end is a horizon too: the bars it rolls up
+        into are complete once the EA has posted past them (a later EA candle for an older bar
+        revises them).
+        """
         candidates = []
         if self.latest_tick_us is not None:
             candidates.append(self.latest_tick_us - self._lateness)
+        elif self.latest_ea_end_us is not None:
+            candidates.append(self.latest_ea_end_us)
         if self.clock_us is not None:
             candidates.append(self.clock_us - self._grace)
         return max(candidates) if candidates else None

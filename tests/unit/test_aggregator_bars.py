@@ -161,16 +161,18 @@ def test_aggregator_ea_candle_takes_precedence_and_flags_disagreement() -> None:
     assert agg.add_ea_candle(ea(1.15)).final == []  # an identical re-post changes nothing
 
 
-def test_aggregator_ea_history_of_higher_timeframe_rolls_up() -> None:
+def test_aggregator_ea_history_of_higher_timeframe_rolls_up_and_closes_without_clock() -> None:
     agg = Aggregator()
     day = dt.datetime(2025, 10, 20, tzinfo=dt.UTC)
+    final: list[Bar] = []
     for h in range(24):
-        agg.add_ea_candle(
+        final += agg.add_ea_candle(
             Candle(
                 "X", Timeframe.H1, day + dt.timedelta(hours=h), 1.0 + h / 100, 1.5, 0.5, 1.01 + h / 100, 10, 2
             )
-        )
-    bars = {(b.timeframe, b.ts): b for b in agg.advance_clock(FAR_FUTURE).final}
+        ).final
+    # No tick and no clock: the EA's own bars close what they roll up into (the last hour, the day).
+    bars = {(b.timeframe, b.ts): b for b in final}
     d1 = bars[(Timeframe.D1, day)]
     assert (d1.open, d1.close, d1.volume, d1.source) == (1.0, 1.24, 240, BarSource.ROLLUP)
     assert bars[(Timeframe.H4, day + dt.timedelta(hours=4))].open == 1.04
