@@ -341,8 +341,16 @@ class SymbolBars:
         self._prune()
         return out
 
-    def add_ea_candle(self, candle: Candle) -> Emitted:
-        """An EA bar: final as posted, taking precedence over the computed bar of its key."""
+    def add_ea_candle(self, candle: Candle, arrival_us: int | None = None) -> Emitted:
+        """An EA bar: final as posted, taking precedence over the computed bar of its key.
+
+        Like a tick, an EA candle arriving (``arrival_us``, wall time) means the market is not quiet:
+        the clock's horizon is withdrawn and the clock waits a grace period again, so an EA posting a
+        batch of history is not cut short by the clock between two of its candles.
+        """
+        if arrival_us is not None:
+            self.last_arrival_us = arrival_us
+            self.clock_us = None
         start, end = bucket_bounds(to_us(candle.ts), candle.timeframe)
         slot = self._slot(candle.timeframe, start, end)
         slot.ea = Values(
@@ -563,12 +571,19 @@ class SymbolBars:
         """Whether the bar starting at ``start_us`` is in memory (not pruned, or never seen)."""
         return start_us in self.slots[timeframe]
 
-    def adopt(self, bars: Iterable[Bar]) -> None:
+    def adopt(self, bars: Iterable[Bar], target: tuple[Timeframe, int] | None = None) -> None:
         """Bring stored bars that are no longer in memory back, without touching live ones.
 
         Used before an EA candle for an old bar: its stored version (and its ancestors with their
         children) must be live so that the EA bar revises it, rather than starting a new one.
+
+        With ``target`` (the timeframe and start of the EA candle's bar), only what it needs is
+        adopted: the bar, its ancestors not in memory, and the children of those. A live ancestor
+        already holds its children's values; adopting one of them anyway (a sibling of the bar) would
+        give it only the children still in memory, and a later roll-up of it would be wrong.
         """
+        if target is not None:
+            bars = self._needed_by(bars, *target)
         adopted: list[tuple[Timeframe, int]] = []
         for bar in sorted(bars, key=lambda b: (ORDER.index(b.timeframe), b.ts)):
             start, end = bucket_bounds(to_us(bar.ts), bar.timeframe)
@@ -596,6 +611,29 @@ class SymbolBars:
                 parent = self.slots[parent_tf].get(bucket_bounds(start, parent_tf)[0])
                 if parent is not None and parent.children is not None and child is not None:
                     parent.children.setdefault(start, child.copy())
+
+    def _needed_by(self, bars: Iterable[Bar], timeframe: Timeframe, start_us: int) -> list[Bar]:
+        """Of ``bars``, those an EA candle for the bar at (``timeframe``, ``start_us``) needs adopted."""
+        levels = [(timeframe, start_us)]
+        stack = [timeframe]
+        while stack:
+            for parent_tf in PARENTS_OF[stack.pop()]:
+                levels.append((parent_tf, bucket_bounds(start_us, parent_tf)[0]))
+                stack.append(parent_tf)
+        needed: set[tuple[Timeframe, int]] = set()
+        spans: list[tuple[Timeframe, int, int]] = []  # children of each needed level
+        for tf, start in levels:
+            if start in self.slots[tf]:
+                continue  # live: it holds its children's values
+            needed.add((tf, start))
+            if tf in SOURCE_OF:
+                spans.append((SOURCE_OF[tf], start, bucket_bounds(start, tf)[1]))
+        out = []
+        for bar in bars:
+            key = (bar.timeframe, bucket_bounds(to_us(bar.ts), bar.timeframe)[0])
+            if key in needed or any(bar.timeframe is tf and a <= key[1] < b for tf, a, b in spans):
+                out.append(bar)
+        return out
 
     def forming(self) -> list[Bar]:
         """The bars still forming, lowest timeframe first."""
@@ -665,9 +703,9 @@ class Aggregator:
             bars.last_cursor = max(bars.last_cursor, int(cursors[-1]))
         return bars.add_ticks(ts_us, bid, ask, vol, None if arrived is None else to_us(arrived))
 
-    def add_ea_candle(self, candle: Candle) -> Emitted:
-        """One EA candle."""
-        return self._of(candle.symbol).add_ea_candle(candle)
+    def add_ea_candle(self, candle: Candle, arrived: dt.datetime | None = None) -> Emitted:
+        """One EA candle; ``arrived`` is the wall time it came in."""
+        return self._of(candle.symbol).add_ea_candle(candle, None if arrived is None else to_us(arrived))
 
     def advance_clock(self, now: dt.datetime) -> Emitted:
         """The wall clock moved on."""
@@ -682,9 +720,15 @@ class Aggregator:
         bars = self.symbols.get(symbol)
         return bars is not None and bars.is_live(timeframe, bucket_bounds(to_us(ts), timeframe)[0])
 
-    def adopt(self, symbol: str, bars: Iterable[Bar]) -> None:
-        """Bring stored, no longer live bars back (see ``SymbolBars.adopt``)."""
-        self._of(symbol).adopt(bars)
+    def adopt(
+        self, symbol: str, bars: Iterable[Bar], target: tuple[Timeframe, dt.datetime] | None = None
+    ) -> None:
+        """Bring stored, no longer live bars back (see ``SymbolBars.adopt``).
+
+        ``target`` is the EA candle's timeframe and time.
+        """
+        key = None if target is None else (target[0], bucket_bounds(to_us(target[1]), target[0])[0])
+        self._of(symbol).adopt(bars, key)
 
     def restore(
         self,

@@ -173,7 +173,7 @@ class AggregationStage:
             with telemetry.continued_span("aggregator.apply_candle", item.traceparent, attributes) as traced:
                 if not self.core.is_live(candle.symbol, candle.timeframe, candle.ts):
                     await self._adopt_stored(candle)
-                self._record(self.core.add_ea_candle(candle))
+                self._record(self.core.add_ea_candle(candle, self._now()))
                 if traced is not None:
                     self._pending.traces.append(traced)
             metrics.INPUT_CURSOR.labels(CANDLES_FEED).set(item.cursor)
@@ -188,7 +188,7 @@ class AggregationStage:
         latest = {bar.key: bar for bar in stored} | {
             key: bar for key, bar in self._pending.latest.items() if key[0] == candle.symbol
         }
-        self.core.adopt(candle.symbol, latest.values())
+        self.core.adopt(candle.symbol, latest.values(), (candle.timeframe, candle.ts))
 
     def _apply_ticks(self, page: ingest_pb.SubscribeTicksResponse) -> None:
         arrived = self._now()

@@ -230,6 +230,28 @@ def test_aggregator_ea_candle_for_pruned_bar_after_adopt_is_a_revision() -> None
     assert final[Timeframe.M5].close == 1.1
 
 
+def test_aggregator_adopt_for_an_ea_candle_leaves_siblings_under_a_live_parent_alone() -> None:
+    # An EA posting H1 history: the first H4 bar closes and leaves memory while its day is still live.
+    day = dt.datetime(2025, 10, 20, tzinfo=dt.UTC)
+    history = [
+        Candle("X", Timeframe.H1, day + dt.timedelta(hours=h), 1.0, 1.5, 0.5, 1.0 + h / 100, 10, 2)
+        for h in range(7)
+    ]
+    agg = Aggregator()
+    stored: dict[tuple[Timeframe, dt.datetime], Bar] = {}
+    for candle in history[:6]:
+        out = agg.add_ea_candle(candle)
+        stored |= {(b.timeframe, b.ts): b for b in [*out.final, *out.forming]}
+    assert not agg.is_live("X", Timeframe.H4, day)  # pruned: it ended more than the retention ago
+    assert agg.is_live("X", Timeframe.D1, day)
+    # The candle of 06:00 is offered every stored bar of the symbol, its closed sibling H4 included.
+    agg.adopt("X", stored.values(), (Timeframe.H1, day + dt.timedelta(hours=6)))
+    assert not agg.is_live("X", Timeframe.H4, day)  # the live day holds its values already
+    out = agg.add_ea_candle(history[6])
+    d1 = next(b for b in out.forming if b.timeframe is Timeframe.D1)
+    assert (d1.open, d1.close, d1.volume) == (1.0, 1.06, 70)
+
+
 def test_aggregator_adopt_links_every_stored_child_of_a_parent() -> None:
     agg = Aggregator()
     minute = dt.datetime(2025, 10, 20, 3, 0, tzinfo=dt.UTC)
@@ -315,6 +337,23 @@ def test_aggregator_restored_symbol_waits_a_grace_before_the_clock_closes_its_ba
     for key, values in reference(ticks).items():
         bar = latest.get(key) or stored[key]
         assert (bar.open, bar.high, bar.low, bar.close) == values[:4], key
+
+
+def test_aggregator_clock_waits_a_grace_after_ea_candles_before_closing_their_roll_up() -> None:
+    agg = Aggregator()
+    day = dt.datetime(2025, 10, 20, tzinfo=dt.UTC)
+    wall = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    for h in range(2):  # the first two hours of an H4 bar, posted as history
+        agg.add_ea_candle(
+            Candle("X", Timeframe.H1, day + dt.timedelta(hours=h), 1.0, 1.5, 0.5, 1.0 + h / 100, 10, 2), wall
+        )
+    # Within the grace the clock leaves the H4 bar forming: the EA may still be posting its history.
+    assert [
+        b for b in agg.advance_clock(wall + dt.timedelta(seconds=1)).final if b.timeframe is Timeframe.H4
+    ] == []
+    after = agg.advance_clock(wall + agg.settings.grace + dt.timedelta(seconds=1)).final
+    (h4,) = [b for b in after if b.timeframe is Timeframe.H4]
+    assert (h4.ts, h4.close, h4.revision) == (day, 1.01, 0)
 
 
 def test_aggregator_ea_only_symbol_without_clock_keeps_only_its_retention_window() -> None:
