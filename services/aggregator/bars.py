@@ -9,8 +9,8 @@ by averaging values across timeframes.
 
 Lifecycle. A bar is *forming* until the symbol's horizon passes its end, then *final*. The horizon
 is the later of the *tick horizon* — the latest tick time minus the allowed lateness (for a symbol
-that has had no tick: the end of its newest EA bar) — and, while the market is quiet (no tick has
-arrived for a grace period), the wall clock minus that grace. A
+that has had no tick: the end of its newest EA bar) — and, while the market is quiet (no tick or EA
+candle has arrived for a grace period), the wall clock minus that grace. A
 tick arriving for a final bar revises it (``revision`` + 1) and every final bar above it, whether
 the tick horizon or the clock closed it, as long as the bar ends within the retention window
 before the tick horizon; an older tick is counted and dropped.
