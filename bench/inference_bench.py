@@ -57,7 +57,7 @@ import numpy.typing as npt
 import sqlalchemy
 import torch
 from google.protobuf import timestamp_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from mt5.aggregator.v1 import aggregator_service_pb2 as agg_pb
 from mt5.aggregator.v1 import aggregator_service_pb2_grpc as agg_grpc
 from mt5.indicators.v1 import indicators_service_pb2 as ind_pb
@@ -730,18 +730,6 @@ class Chain:
                 raise ScenarioFailed(f"{service.name} exited with code {code} during the scenario: {tail}")
 
 
-def model_served(address: str) -> bool:
-    """Whether inference's named health is SERVING: a verified model is loaded."""
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2
-            )
-        except grpc.RpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-
 @contextlib.contextmanager
 def running_chain(url: str, workdir: pathlib.Path, models: pathlib.Path, params: Params) -> Iterator[Chain]:
     """The four services as real processes (inference's metrics served); stopped afterwards, also on
@@ -770,7 +758,14 @@ def running_chain(url: str, workdir: pathlib.Path, models: pathlib.Path, params:
     try:
         for service in chain.services():  # ingest first: serving means migrated
             service.start()
-        helpers.wait_until(lambda: model_served(inference.address), 60, what="inference serving its model")
+        helpers.wait_until(
+            lambda: (
+                helpers.grpc_status(inference.address, 2, SERVICE_NAME)
+                == health_pb2.HealthCheckResponse.SERVING
+            ),
+            60,
+            what="inference serving its model",
+        )
         yield chain
     finally:
         for service in reversed(chain.services()):

@@ -82,12 +82,12 @@ def postgres_database() -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def grpc_status(address: str, timeout: float = 1.0) -> int | None:
-    """The health status of a gRPC server, or None when it does not answer."""
+def grpc_status(address: str, timeout: float = 1.0, service: str = "") -> int | None:
+    """The health status of a gRPC server ("") or of one of its services, or None when it does not answer."""
     with grpc.insecure_channel(address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=timeout
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
         except grpc.RpcError:
             return None

@@ -1006,7 +1006,14 @@ async def run_scenario(
     save_model(workdir / "models", window=WINDOW)
     with helpers.running_mesh(url, workdir) as mesh:
         inference = mesh.services["inference"].address
-        helpers.wait_until(lambda: _named_serving(inference), 60, what="inference serving the model")
+        helpers.wait_until(
+            lambda: (
+                helpers.grpc_status(inference, service=INFERENCE_SERVICE)
+                == health_pb2.HealthCheckResponse.SERVING
+            ),
+            60,
+            what="inference serving the model",
+        )
         addresses = {n: s.address for n, s in mesh.services.items()}
         progress = Progress(feed.batch_count(plan.batch_size), asyncio.get_running_loop())
         health = HealthWatch(addresses, mesh.url)
@@ -1054,17 +1061,6 @@ async def run_scenario(
         settle_seconds=settle_seconds,
         wall_seconds=time.monotonic() - began,
     )
-
-
-def _named_serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE), timeout=1
-            )
-        except grpc.RpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 async def service_kill_run(plan: Plan, url: str, workdir: pathlib.Path) -> RunReport:
